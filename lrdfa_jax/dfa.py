@@ -1,0 +1,140 @@
+"""The local update (DFA / SSA) and backprop, as pure functions returning param-shaped pytrees.
+
+The model is seen through ``forward(params) -> ((logits, taps), extra)``, run with
+``local=True`` for the local update: every block input is ``stop_gradient``-ed and every
+block output ``h_i`` is a tap. Then
+
+1. ``e = softmax(z) − onehot(y)`` is computed once from the logits;
+2. each block's signal ``g_i = e F_iᵀ`` comes from :func:`lrdfa_jax.feedback.project`;
+3. one ``jax.vjp`` with cotangent ``e / B`` on the logits and ``g_i / B`` on tap i (plus the
+   gradient of the output-alignment term where enabled) returns every block's update.
+
+Because inputs are cut, the vjp goes through each block's own activation, normalisation
+and layers and never into the block below; no input gradient is computed between blocks.
+For a dense layer ``a = W h`` with ``δ_i = (g_i ⊙ φ'(a))`` this is the DFA rule
+``ΔW = δ_iᵀ h`` (Nøkland 2016); for ``W = U diag(s) Vᵀ`` it is, per factor,
+``ΔU = δ_iᵀ (s ⊙ hV)``, ``Δs = Σ_b (δ_i U) ⊙ (h V)``, ``ΔV = hᵀ ((δ_i U) ⊙ s)``.
+The output block receives the exact cross-entropy gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from lrdfa_jax import feedback as fb
+from lrdfa_jax import layers, losses
+
+Array = jax.Array
+Forward = Callable[[Any], tuple[tuple[Array, dict[str, Array]], Any]]
+ALIGNMENTS = ('none', 'subspace', 'output')
+
+
+def expand_signal(g_BxD: Array, tap_shape: tuple[int, ...], name: str = '') -> Array:
+  """Delivers a ``[B, d]`` signal at a tap: as is, broadcast over space (d = channels), or reshaped."""
+  if g_BxD.shape == tuple(tap_shape):
+    return g_BxD
+  if len(tap_shape) > 2 and g_BxD.shape[-1] == tap_shape[-1]:
+    return jnp.broadcast_to(g_BxD.reshape(g_BxD.shape[0], *([1] * (len(tap_shape) - 2)), -1),
+                            tap_shape)
+  if g_BxD.shape[-1] == math.prod(tap_shape[1:]):
+    return g_BxD.reshape(tap_shape)
+  raise ValueError(f'feedback for block {name!r} has width {g_BxD.shape[-1]}, which fits '
+                   f'neither the channels nor the size of its tap {tuple(tap_shape)}.')
+
+
+def tap_widths(tap_shapes: dict[str, Any], mode: str = 'channel') -> dict[str, int]:
+  """Feedback width per tap: channel count (signal broadcast over space) or full size."""
+  if mode not in ('channel', 'full'):
+    raise ValueError(f"feedback delivery must be 'channel' or 'full', got {mode!r}.")
+  return {n: (s.shape[-1] if mode == 'channel' else math.prod(s.shape[1:]))
+          for n, s in tap_shapes.items()}
+
+
+def subspace_alignment_loss(params: Any, feedback: fb.Feedback) -> Array:
+  """Σ over blocks of :func:`losses.alignment_subspace` for each block whose layer is factored.
+
+  The block's layer is ``params[name]`` (the layer that writes tap ``name``).
+  """
+  total = jnp.zeros(())
+  for name in feedback.names:
+    layer = params.get(name)
+    b = feedback.block(name)
+    if layers.is_svd_layer(layer) and 'p' in b and layer['u'].shape[0] % b['p'].shape[0] == 0:
+      total = total + losses.alignment_subspace(layer['u'], layer['s'], b['p'])
+  return total
+
+
+def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: Array, *,
+                align: str = 'none', align_weight: float = 0.0) -> tuple[Any, dict[str, Any]]:
+  """The DFA/SSA update: a pytree shaped like ``params`` to feed ``tx.update``.
+
+  Args:
+    forward: ``params -> ((logits, taps), extra)``, the model applied with ``local=True``.
+    params: parameters.
+    feedback: fixed feedback with one entry per tap that should learn (taps without one get
+      a zero signal).
+    labels_B: integer labels.
+    align: ``'none'``, ``'subspace'`` (param term, :func:`subspace_alignment_loss`) or
+      ``'output'`` (``1 − cos(h_i, −g_i)`` on each tap, added to the tap's cotangent).
+    align_weight: weight of the alignment term.
+
+  Returns:
+    ``(updates, aux)``; ``aux`` holds ``loss`` (CE), ``logits``, ``extra`` and ``align_loss``.
+  """
+  if align not in ALIGNMENTS:
+    raise ValueError(f'align must be one of {ALIGNMENTS}, got {align!r}.')
+  (logits, taps), vjp_fn, extra = jax.vjp(forward, params, has_aux=True)
+  missing = set(feedback.names) - set(taps)
+  if missing:
+    raise ValueError(f'feedback names blocks {sorted(missing)} that the model does not tap; '
+                     f'taps are {sorted(taps)}.')
+  batch = logits.shape[0]
+  err_BxC = losses.output_error(logits, labels_B)
+  signals = fb.project(feedback, err_BxC)
+  align_loss = jnp.zeros(())
+  cotangents = {}
+  for name, h in taps.items():
+    if name not in signals:
+      cotangents[name] = jnp.zeros_like(h)
+      continue
+    g = expand_signal(signals[name], h.shape, name)
+    cot = g / batch
+    if align == 'output' and align_weight:
+      a, da = jax.value_and_grad(losses.alignment_output)(h, g)
+      cot = cot + align_weight * da
+      align_loss = align_loss + a
+    cotangents[name] = cot.astype(h.dtype)
+  (updates,) = vjp_fn(((err_BxC / batch).astype(logits.dtype), cotangents))
+  if align == 'subspace' and align_weight:
+    align_loss, da = jax.value_and_grad(subspace_alignment_loss)(params, feedback)
+    updates = jax.tree.map(lambda u, d: u + align_weight * d, updates, da)
+  aux = {'loss': losses.cross_entropy(logits, labels_B), 'logits': logits, 'extra': extra,
+         'align_loss': align_loss}
+  return updates, aux
+
+
+def bp_grads(forward: Forward, params: Any, labels_B: Array) -> tuple[Any, dict[str, Any]]:
+  """Backprop: ``jax.grad`` of mean cross-entropy, with the same ``aux`` as :func:`local_grads`.
+
+  ``forward`` is the model applied with ``local=False``.
+  """
+  def loss_fn(p):
+    (logits, _), extra = forward(p)
+    return losses.cross_entropy(logits, labels_B), (logits, extra)
+
+  (loss, (logits, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  return grads, {'loss': loss, 'logits': logits, 'extra': extra, 'align_loss': jnp.zeros(())}
+
+
+def update_angles(a: Any, b: Any, eps: float = 1e-12) -> dict[str, Array]:
+  """Angle in degrees between two param-shaped pytrees, per top-level layer (e.g. DFA vs BP)."""
+  out = {}
+  for name in a:
+    xa = jnp.concatenate([x.ravel() for x in jax.tree.leaves(a[name])])
+    xb = jnp.concatenate([x.ravel() for x in jax.tree.leaves(b[name])])
+    cos = jnp.dot(xa, xb) / (jnp.linalg.norm(xa) * jnp.linalg.norm(xb) + eps)
+    out[name] = jnp.degrees(jnp.arccos(jnp.clip(cos, -1.0, 1.0)))
+  return out

@@ -1,0 +1,213 @@
+"""SVD-factored layers: every weight is kept as ``U diag(s) Vᵀ``.
+
+Dense: ``W (out×in) = U diag(s) Vᵀ``; forward ``((x V) * s) Uᵀ + b``.
+
+Conv, ``split='spatial'`` (Yang et al. 2020, arXiv 2004.09031): the kernel
+``K[kh, kw, Cin, Cout]`` is viewed as the matrix ``M[(i, c), (j, o)]`` of shape
+``(kh·Cin) × (kw·Cout)`` and factored as ``M = V diag(s) Uᵀ``. It runs as a ``kh×1``
+conv from Cin to r channels (stride and padding of H), a scale by ``s``, then a ``1×kw``
+conv from r to Cout (stride and padding of W). Exact at full rank.
+
+Conv, ``split='channel'``: ``M[(i, j, c), o]`` of shape ``(kh·kw·Cin) × Cout``; a
+``kh×kw`` conv to r channels, scale by ``s``, then a ``1×1`` conv to Cout.
+
+Parameter names are ``u``, ``s``, ``v`` and ``bias`` everywhere, so optimizer masks and
+losses find the factors by leaf name.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+Rank = int | float
+Padding = str | Sequence[tuple[int, int]]
+
+_DN = ('NHWC', 'HWIO', 'NHWC')
+
+
+def resolve_rank(rank: Rank, full_rank: int, *, name: str = 'layer') -> int:
+  """Turns an int rank or a fraction of full rank into an int in ``[1, full_rank]``.
+
+  A float in ``(0, 1]`` is a fraction of ``full_rank`` (rounded, at least 1); an int is
+  taken as is. A rank above ``full_rank`` or not positive is a ``ValueError``.
+  """
+  if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+    raise ValueError(f'{name}: rank must be an int or a float fraction, got {rank!r}.')
+  if isinstance(rank, float):
+    if not 0.0 < rank <= 1.0:
+      raise ValueError(
+          f'{name}: a fractional rank must lie in (0, 1], got {rank}. '
+          'Pass an int for an absolute rank.')
+    return max(1, int(round(rank * full_rank)))
+  if rank < 1:
+    raise ValueError(f'{name}: rank must be >= 1, got {rank}.')
+  if rank > full_rank:
+    raise ValueError(
+        f'{name}: rank {rank} is above full rank {full_rank}; '
+        f'use a rank <= {full_rank} or a fraction such as 0.25.')
+  return int(rank)
+
+
+def factor_matrix(w_MxN: Array, rank: int) -> tuple[Array, Array, Array]:
+  """Truncated SVD ``w ≈ a diag(s) bᵀ``; returns ``(a_MxR, s_R, b_NxR)``."""
+  a, s, bt = jnp.linalg.svd(w_MxN, full_matrices=False)
+  return a[:, :rank], s[:rank], bt[:rank].T
+
+
+def factor_dense_kernel(kernel_IxO: Array, rank: int) -> dict[str, Array]:
+  """Factors a Flax Dense kernel ``[in, out]`` (``= Wᵀ``) into ``{'u','s','v'}``."""
+  v_IxR, s_R, u_OxR = factor_matrix(kernel_IxO, rank)
+  return {'u': u_OxR, 's': s_R, 'v': v_IxR}
+
+
+def rebuild_dense_kernel(u: Array, s: Array, v: Array) -> Array:
+  """Rebuilds the Flax Dense kernel ``[in, out] = V diag(s) Uᵀ`` from ``u [out, r]``, ``v [in, r]``."""
+  return (v * s) @ u.T
+
+
+def conv_full_rank(kernel_shape: Sequence[int], split: str) -> int:
+  """Full rank of a ``[kh, kw, Cin, Cout]`` kernel under a split."""
+  kh, kw, cin, cout = kernel_shape
+  if split == 'spatial':
+    return min(kh * cin, kw * cout)
+  if split == 'channel':
+    return min(kh * kw * cin, cout)
+  raise ValueError(f"split must be 'spatial' or 'channel', got {split!r}.")
+
+
+def _conv_matrix(kernel: Array, split: str) -> Array:
+  kh, kw, cin, cout = kernel.shape
+  if split == 'spatial':  # M[(i, c), (j, o)] = K[i, j, c, o]
+    return kernel.transpose(0, 2, 1, 3).reshape(kh * cin, kw * cout)
+  conv_full_rank(kernel.shape, split)  # validates split
+  return kernel.reshape(kh * kw * cin, cout)
+
+
+def factor_conv_kernel(kernel: Array, rank: int, split: str = 'spatial') -> dict[str, Array]:
+  """Factors an HWIO conv kernel. ``v`` indexes the first conv's inputs, ``u`` the output side."""
+  v, s, u = factor_matrix(_conv_matrix(kernel, split), rank)
+  return {'u': u, 's': s, 'v': v}
+
+
+def rebuild_conv_kernel(u: Array, s: Array, v: Array, kernel_size: Sequence[int],
+                        split: str = 'spatial') -> Array:
+  """Inverse of :func:`factor_conv_kernel`: the dense HWIO kernel ``[kh, kw, Cin, Cout]``."""
+  kh, kw = kernel_size
+  m = (v * s) @ u.T
+  if split == 'spatial':
+    cin, cout = v.shape[0] // kh, u.shape[0] // kw
+    return m.reshape(kh, cin, kw, cout).transpose(0, 2, 1, 3)
+  cin, cout = v.shape[0] // (kh * kw), u.shape[0]
+  return m.reshape(kh, kw, cin, cout)
+
+
+def _split_padding(padding: Padding) -> tuple[Padding, Padding]:
+  """Padding of the H conv and of the W conv for the spatial split."""
+  if isinstance(padding, str):
+    return padding, padding  # SAME/VALID computed per dim give the same pads as the full conv.
+  (ph, pw) = padding
+  return [tuple(ph), (0, 0)], [(0, 0), tuple(pw)]
+
+
+def _conv(x: Array, kernel: Array, strides, padding) -> Array:
+  if isinstance(padding, str):
+    padding = padding.upper()
+  return lax.conv_general_dilated(x, kernel, tuple(strides), padding, dimension_numbers=_DN)
+
+
+def _spectral_factors(module: nn.Module, init_fn: Callable[[], dict[str, Array]]):
+  """Creates ``u``, ``s``, ``v`` params from one joint SVD at init time."""
+  if module.has_variable('params', 'u'):
+    # Flax shape-checks existing params by tracing their init fn; hand it the param itself.
+    factors = {k: module.get_variable('params', k) for k in ('u', 's', 'v')}
+  else:
+    factors = init_fn()
+  return tuple(module.param(k, lambda _rng, k=k: factors[k]) for k in ('u', 's', 'v'))
+
+
+class SVDDense(nn.Module):
+  """Dense layer kept as ``U diag(s) Vᵀ``: params ``u [out, r]``, ``s [r]``, ``v [in, r]``, ``bias``.
+
+  ``rank`` is an int or a fraction of ``min(in, out)``. Initialised by the SVD of a
+  ``kernel_init`` sample (spectral init), keeping the top r triplets.
+  """
+  features: int
+  rank: Rank = 1.0
+  use_bias: bool = True
+  kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
+  bias_init: Callable[..., Array] = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n_in = x.shape[-1]
+    r = resolve_rank(self.rank, min(n_in, self.features), name=self.name or 'SVDDense')
+
+    def init():
+      kernel = self.kernel_init(self.make_rng('params'), (n_in, self.features), jnp.float32)
+      return factor_dense_kernel(kernel, r)
+
+    u_OxR, s_R, v_IxR = _spectral_factors(self, init)
+    y = ((x @ v_IxR) * s_R) @ u_OxR.T
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, (self.features,))
+    return y
+
+
+class SVDConv(nn.Module):
+  """Conv layer kept as ``V diag(s) Uᵀ`` of the reshaped kernel (see module docstring).
+
+  Params: spatial split ``v [kh·Cin, r]``, ``u [kw·Cout, r]``; channel split
+  ``v [kh·kw·Cin, r]``, ``u [Cout, r]``; plus ``s [r]`` and ``bias [Cout]``.
+  """
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  rank: Rank = 1.0
+  strides: Sequence[int] = (1, 1)
+  padding: Padding = 'SAME'
+  split: str = 'spatial'
+  use_bias: bool = True
+  kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
+  bias_init: Callable[..., Array] = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kh, kw = self.kernel_size
+    cin = x.shape[-1]
+    shape = (kh, kw, cin, self.features)
+    r = resolve_rank(self.rank, conv_full_rank(shape, self.split), name=self.name or 'SVDConv')
+
+    def init():
+      kernel = self.kernel_init(self.make_rng('params'), shape, jnp.float32)
+      return factor_conv_kernel(kernel, r, self.split)
+
+    u, s_R, v = _spectral_factors(self, init)
+    sh, sw = self.strides
+    if self.split == 'spatial':
+      pad_h, pad_w = _split_padding(self.padding)
+      k1 = v.reshape(kh, 1, cin, r)                                  # kh×1: Cin -> r
+      k2 = u.reshape(1, kw, self.features, r).transpose(0, 1, 3, 2)  # 1×kw: r -> Cout
+      y = _conv(x, k1, (sh, 1), pad_h) * s_R
+      y = _conv(y, k2, (1, sw), pad_w)
+    else:
+      k1 = v.reshape(kh, kw, cin, r)
+      y = _conv(x, k1, (sh, sw), self.padding) * s_R
+      y = y @ u.T                                                    # 1×1: r -> Cout
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, (self.features,))
+    return y
+
+
+def svd_param_count(n_in: int, n_out: int, rank: int, use_bias: bool = True) -> int:
+  """``r(m + n + 1)`` factor params plus the bias."""
+  return rank * (n_in + n_out + 1) + (n_out if use_bias else 0)
+
+
+def is_svd_layer(tree: Any) -> bool:
+  """True for a param dict holding ``u``, ``s`` and ``v``."""
+  return isinstance(tree, dict) and {'u', 's', 'v'} <= set(tree)

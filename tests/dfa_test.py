@@ -1,0 +1,132 @@
+"""The local update against hand-written DFA rules; locality; HLO convolution counts."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lrdfa_jax import dfa, feedback as fb, layers, losses, models
+
+B, D_IN, C = 6, 5, 3
+
+
+def _forward(model, x, local):
+  return lambda p: (model.apply({'params': p}, x, local=local), None)
+
+
+def _setup(svd: bool, seed=0):
+  dense = functools.partial(layers.SVDDense, rank=1.0) if svd else nn.Dense
+  model = models.MLP(features=(4, 4), num_classes=C, dense=dense, act=jnp.tanh)
+  k = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(k[0], (B, D_IN))
+  y = jax.random.randint(k[1], (B,), 0, C)
+  params = model.init(k[2], x)['params']
+  feedback = fb.init_feedback(k[3], {'dense1': 4, 'dense2': 4}, C, kind='dense')
+  return model, x, y, params, feedback
+
+
+def _hidden_inputs(params, x, svd):
+  """h_0, a_1, h_1, a_2 by hand."""
+  def lin(p, h):
+    if svd:
+      return ((h @ p['v']) * p['s']) @ p['u'].T + p['bias']
+    return h @ p['kernel'] + p['bias']
+  a1 = lin(params['dense1'], x); h1 = jnp.tanh(a1)
+  a2 = lin(params['dense2'], h1)
+  return {'dense1': (x, a1), 'dense2': (h1, a2)}
+
+
+@pytest.mark.parametrize('svd', [False, True])
+def test_local_update_equals_hand_written_dfa(svd):
+  model, x, y, params, feedback = _setup(svd)
+  upd, aux = jax.jit(functools.partial(dfa.local_grads, _forward(model, x, True)))(
+      params, feedback, y)
+  e = losses.output_error(model.apply({'params': params}, x)[0], y)
+  for name, (h, a) in _hidden_inputs(params, x, svd).items():
+    F = fb.dense_matrix(feedback, name)
+    delta = (e @ F.T) * (1 - jnp.tanh(a)**2) / B          # ((e Fᵀ) ⊙ φ'(a)) / B
+    got = upd[name]
+    np.testing.assert_allclose(got['bias'], delta.sum(0), rtol=1e-5, atol=1e-6)
+    if not svd:
+      np.testing.assert_allclose(got['kernel'], h.T @ delta, rtol=1e-5, atol=1e-6)  # (δ hᵀ)ᵀ
+    else:
+      p = params[name]
+      hv = h @ p['v']; du = delta @ p['u']
+      np.testing.assert_allclose(got['u'], delta.T @ (hv * p['s']), rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(got['s'], jnp.sum(du * hv, 0), rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(got['v'], h.T @ (du * p['s']), rtol=1e-5, atol=1e-6)
+  # the output layer gets the exact backprop gradient of cross-entropy
+  bp, _ = dfa.bp_grads(_forward(model, x, False), params, y)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               upd['head'], bp['head'])
+  np.testing.assert_allclose(aux['loss'], losses.cross_entropy(aux['logits'], y), rtol=1e-6)
+  # and the hidden updates are not the backprop ones
+  assert not np.allclose(upd['dense1']['bias'], bp['dense1']['bias'], atol=1e-4)
+
+
+def test_no_gradient_crosses_blocks():
+  model, x, y, params, feedback = _setup(True)
+  upd, _ = dfa.local_grads(_forward(model, x, True), params, feedback, y)
+  other = fb.init_feedback(jax.random.key(99), {'dense1': 4, 'dense2': 4}, C, kind='dense')
+  mixed = fb.Feedback(groups={'dense_d4': {'f': jnp.stack(
+      [feedback.block('dense1')['f'], other.block('dense2')['f']])}}, index=feedback.index)
+  upd2, _ = dfa.local_grads(_forward(model, x, True), params, mixed, y)
+  np.testing.assert_array_equal(upd['dense1']['u'], upd2['dense1']['u'])
+  np.testing.assert_array_equal(upd['head']['u'], upd2['head']['u'])
+  assert not np.allclose(upd['dense2']['u'], upd2['dense2']['u'])
+
+
+def test_missing_tap_is_clear_error():
+  model, x, y, params, _ = _setup(False)
+  bad = fb.init_feedback(jax.random.key(0), {'dense9': 4}, C)
+  with pytest.raises(ValueError, match='does not tap'):
+    dfa.local_grads(_forward(model, x, True), params, bad, y)
+
+
+def _count_convs(fn, *args):
+  return jax.jit(fn).lower(*args).compile().as_text().count('convolution(')
+
+
+def test_dfa_step_has_fewer_convolutions_than_bp():
+  model = models.SmallConv(num_classes=C, widths=(4, 6, 8), hidden=16)
+  x = jnp.ones((2, 8, 8, 3)); y = jnp.array([0, 1])
+  params = model.init(jax.random.key(0), x)['params']
+  taps = jax.eval_shape(lambda p: model.apply({'params': p}, x)[1], params)
+  feedback = fb.init_feedback(jax.random.key(1), dfa.tap_widths(taps), C)
+  n_dfa = _count_convs(lambda p, f: dfa.local_grads(_forward(model, x, True), p, f, y)[0],
+                       params, feedback)
+  n_bp = _count_convs(lambda p: dfa.bp_grads(_forward(model, x, False), p, y)[0], params)
+  # forward 3 + weight grads 3 for DFA; BP adds input grads of conv2 and conv3
+  assert n_dfa == 6, n_dfa
+  assert n_bp == 8, n_bp
+
+
+@pytest.mark.parametrize('align', ['subspace', 'output'])
+def test_alignment_terms_change_only_their_share(align):
+  model = models.SmallConv(num_classes=C, widths=(4, 6, 8), hidden=16,
+                           conv=functools.partial(layers.SVDConv, rank=2),
+                           dense=functools.partial(layers.SVDDense, rank=2))
+  x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3)); y = jnp.array([0, 2])
+  params = model.init(jax.random.key(0), x)['params']
+  taps = jax.eval_shape(lambda p: model.apply({'params': p}, x)[1], params)
+  feedback = fb.init_feedback(jax.random.key(1), dfa.tap_widths(taps), C, ranks=2)
+  fwd = _forward(model, x, True)
+  base, _ = dfa.local_grads(fwd, params, feedback, y)
+  upd, aux = dfa.local_grads(fwd, params, feedback, y, align=align, align_weight=0.5)
+  assert float(aux['align_loss']) > 0
+  if align == 'subspace':
+    extra = jax.grad(lambda p: 0.5 * dfa.subspace_alignment_loss(p, feedback))(params)
+    want = jax.tree.map(jnp.add, base, extra)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), upd, want)
+  assert not np.allclose(upd['conv2']['u'], base['conv2']['u'])
+  jax.tree.map(np.testing.assert_array_equal, upd['head'], base['head'])
+
+
+def test_update_angles():
+  a = {'l': {'w': jnp.array([1.0, 0.0])}, 'm': {'w': jnp.array([1.0, 1.0])}}
+  b = {'l': {'w': jnp.array([0.0, 2.0])}, 'm': {'w': jnp.array([3.0, 3.0])}}
+  ang = dfa.update_angles(a, b)
+  np.testing.assert_allclose(ang['l'], 90.0, atol=1e-4)
+  np.testing.assert_allclose(ang['m'], 0.0, atol=1e-2)

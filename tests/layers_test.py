@@ -1,0 +1,92 @@
+"""SVD layers equal their dense twins at full rank; factor/rebuild round trips; counts."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lrdfa_jax import layers
+
+
+def _dense_from(params, kernel):
+  return {'params': {'kernel': kernel, 'bias': params['bias']}}
+
+
+def test_svd_dense_full_rank_equals_dense():
+  x = jax.random.normal(jax.random.key(0), (5, 7))
+  layer = layers.SVDDense(4, rank=1.0)
+  p = layer.init(jax.random.key(1), x)['params']
+  p = {**p, 'bias': jnp.arange(4.0)}
+  kernel = layers.rebuild_dense_kernel(p['u'], p['s'], p['v'])
+  want = nn.Dense(4).apply(_dense_from(p, kernel), x)
+  np.testing.assert_allclose(layer.apply({'params': p}, x), want, rtol=1e-5, atol=1e-5)
+  # the forward is ((x V) * s) Uᵀ + b, the SVD of the LeCun-normal kernel
+  np.testing.assert_allclose(p['u'].T @ p['u'], np.eye(4), atol=1e-5)
+  np.testing.assert_allclose(p['v'].T @ p['v'], np.eye(4), atol=1e-5)
+  assert np.all(np.diff(p['s']) <= 0)
+
+
+def test_factor_dense_kernel_roundtrip_and_truncation():
+  k = jax.random.normal(jax.random.key(0), (6, 9))
+  f = layers.factor_dense_kernel(k, 6)
+  np.testing.assert_allclose(layers.rebuild_dense_kernel(**f), k, atol=1e-5)
+  f2 = layers.factor_dense_kernel(k, 2)
+  s = np.linalg.svd(np.asarray(k), compute_uv=False)
+  err = np.linalg.norm(layers.rebuild_dense_kernel(**f2) - k)
+  np.testing.assert_allclose(err, np.sqrt(np.sum(s[2:]**2)), rtol=1e-4)  # Eckart–Young
+
+
+@pytest.mark.parametrize('split', ['spatial', 'channel'])
+@pytest.mark.parametrize('strides,padding', [((1, 1), 'SAME'), ((2, 2), 'SAME'),
+                                             ((2, 1), 'VALID'), ((1, 2), ((1, 2), (0, 1)))])
+def test_svd_conv_full_rank_equals_conv(split, strides, padding):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
+  layer = layers.SVDConv(5, (3, 2), rank=1.0, strides=strides, padding=padding, split=split)
+  p = layer.init(jax.random.key(1), x)['params']
+  p = {**p, 'bias': jnp.linspace(-1, 1, 5)}
+  kernel = layers.rebuild_conv_kernel(p['u'], p['s'], p['v'], (3, 2), split)
+  dense = nn.Conv(5, (3, 2), strides=strides, padding=padding)
+  want = dense.apply(_dense_from(p, kernel), x)
+  got = layer.apply({'params': p}, x)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('split', ['spatial', 'channel'])
+def test_conv_factor_roundtrip(split):
+  k = jax.random.normal(jax.random.key(2), (3, 3, 4, 6))
+  full = layers.conv_full_rank(k.shape, split)
+  f = layers.factor_conv_kernel(k, full, split)
+  np.testing.assert_allclose(layers.rebuild_conv_kernel(f['u'], f['s'], f['v'], (3, 3), split),
+                             k, atol=1e-5)
+
+
+def test_param_counts():
+  x = jnp.zeros((1, 20))
+  p = layers.SVDDense(30, rank=7).init(jax.random.key(0), x)['params']
+  n_factors = sum(p[k].size for k in 'usv')
+  assert n_factors == 7 * (20 + 30 + 1)
+  assert sum(a.size for a in jax.tree.leaves(p)) == layers.svd_param_count(20, 30, 7)
+  x = jnp.zeros((1, 8, 8, 4))
+  for split, (m, n) in {'spatial': (3 * 4, 3 * 16), 'channel': (3 * 3 * 4, 16)}.items():
+    p = layers.SVDConv(16, (3, 3), rank=5, split=split).init(jax.random.key(0), x)['params']
+    assert p['v'].shape == (m, 5) and p['u'].shape == (n, 5)
+    assert sum(a.size for a in jax.tree.leaves(p)) == 5 * (m + n + 1) + 16
+
+
+def test_rank_resolution_and_errors():
+  assert layers.resolve_rank(0.25, 64) == 16
+  assert layers.resolve_rank(0.001, 64) == 1
+  assert layers.resolve_rank(64, 64) == 64
+  with pytest.raises(ValueError, match='above full rank 4'):
+    layers.SVDDense(4, rank=5).init(jax.random.key(0), jnp.zeros((1, 10)))
+  with pytest.raises(ValueError, match='fraction'):
+    layers.resolve_rank(1.5, 10)
+  with pytest.raises(ValueError, match="split must be"):
+    layers.SVDConv(4, rank=2, split='depth').init(jax.random.key(0), jnp.zeros((1, 4, 4, 2)))
+
+
+def test_fractional_rank_builds_low_rank_layer():
+  p = layers.SVDConv(32, (3, 3), rank=0.25, split='channel').init(
+      jax.random.key(0), jnp.zeros((1, 8, 8, 16)))['params']
+  assert p['s'].shape == (8,)
