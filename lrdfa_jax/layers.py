@@ -39,6 +39,8 @@ def resolve_rank(rank: Rank, full_rank: int, *, name: str = 'layer') -> int:
   """
   if isinstance(rank, bool) or not isinstance(rank, (int, float)):
     raise ValueError(f'{name}: rank must be an int or a float fraction, got {rank!r}.')
+  if isinstance(rank, float) and rank > 1.0 and rank.is_integer():
+    rank = int(rank)  # e.g. 64.0 from a float-typed config field
   if isinstance(rank, float):
     if not 0.0 < rank <= 1.0:
       raise ValueError(

@@ -1,0 +1,91 @@
+"""Shared base config: SmallConv on the offline CIFAR-10 copy, trained with SSA.
+
+Variants import this and override fields. ``get_config('smoke')`` (``--config=...py:smoke``)
+shrinks any config to synthetic data of the same shape and a handful of steps (seconds on CPU).
+"""
+import ml_collections
+
+
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = m = ml_collections.ConfigDict()
+  m.name = 'small_conv'      # small_conv | mlp
+  m.rank = 0.25              # per-layer rank for svd_bp/ssa: int, or fraction of full rank
+  m.overrides = 'conv1:dense,head:dense'  # 'layer:rank' or 'layer:dense', comma separated
+  m.split = 'channel'        # conv factorisation: spatial (kh×1 then 1×kw) | channel (kh×kw then 1×1)
+  m.act = 'tanh'             # relu | tanh | gelu | silu (tanh trains better under DFA; DESIGN.md)
+  m.kwargs = ml_collections.ConfigDict()  # extra constructor args, e.g. widths=(8, 16, 32)
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = 'offline'       # offline (../shared/data or $LRDFA_DATA_DIR) | tfds | synthetic
+  d.name = 'cifar10'         # cifar10 | cifar100 | imagenet2012
+  d.data_dir = ml_collections.config_dict.placeholder(str)   # None: the source's default
+  d.cache_dir = ml_collections.config_dict.placeholder(str)  # None: $LRDFA_CACHE_DIR or ~/.cache
+  d.augment = True           # pad-4 random crop + horizontal flip
+  d.validation_size = 0      # hold out this many train images (fixed split) for tuning
+  d.synthetic = s = ml_collections.ConfigDict()  # used when source == 'synthetic'
+  s.num_train = 512
+  s.num_test = 128
+  s.image_shape = (32, 32, 3)
+  s.num_classes = 10
+  s.seed = 0
+
+  c.dfa = f = ml_collections.ConfigDict()
+  f.method = 'ssa'           # bp | svd_bp (factors, backprop) | dfa (dense, random feedback) | ssa
+  f.feedback = 'auto'        # auto (ssa: structured, dfa: dense) | structured | dense
+  f.feedback_rank = 0        # cap on k per block (0: min(layer rank, classes))
+  f.feedback_scale = 1.0     # σ of structured feedback; std·sqrt(C) of dense feedback
+  f.delivery = 'channel'     # channel (broadcast over space) | full (feature-map feedback)
+  f.align = 'subspace'       # none | subspace | output
+  f.align_weight = 0.1
+  f.orth_weight = 0.1        # ‖UᵀU−I‖²/r² + ‖VᵀV−I‖²/r², for factored methods
+  f.hoyer_weight = 0.0       # ‖s‖₁/‖s‖₂ on singular values, for factored methods
+
+  c.opt = o = ml_collections.ConfigDict()
+  o.name = 'adam'            # adam | adamw | sgd
+  o.lr = 5e-4
+  o.schedule = 'cosine'      # cosine | constant, after a linear warmup
+  o.warmup_steps = 200
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.momentum = 0.9           # sgd only
+  o.weight_decay = 0.0       # adamw only
+  o.clip_norm = 0.0          # 0: no clipping
+  o.retract_every = 0        # exact QR retraction of the factors every N steps (0: never)
+
+  c.train = t = ml_collections.ConfigDict()
+  t.epochs = 10
+  t.batch_size = 128         # global; divisible by the device count
+  t.seed = 0
+  t.log_every = 50           # steps between train metrics
+  t.angle_every = 500        # steps between DFA-vs-BP angle measurements (0: never)
+  t.eval_every_epochs = 1
+  t.checkpoint_every_epochs = 1
+  t.keep_checkpoints = 2
+  t.stop_after_steps = 0     # end early (drills, quick looks); the schedule still uses epochs
+  t.num_devices = 0          # 0: all devices
+  t.distributed = False      # call jax.distributed.initialize() (multi-host)
+  t.progress_bar = True
+
+  if arg:
+    apply_arg(c, arg)
+  return c
+
+
+def apply_arg(c: ml_collections.ConfigDict, arg: str) -> None:
+  """Config-file arguments, comma separated: ``smoke``."""
+  for a in filter(None, arg.split(',')):
+    if a == 'smoke':
+      c.data.synthetic.image_shape = {'imagenet2012': (64, 64, 3)}.get(c.data.name, (32, 32, 3))
+      c.data.synthetic.num_classes = {'cifar100': 100, 'imagenet2012': 1000}.get(c.data.name, 10)
+      c.data.source = 'synthetic'
+      c.data.synthetic.num_train = 256
+      c.data.synthetic.num_test = 64
+      c.train.epochs = 1
+      c.train.batch_size = 32
+      c.train.log_every = 2
+      c.train.angle_every = 4
+      c.opt.warmup_steps = 2
+    else:
+      raise ValueError(f'unknown config argument {a!r}; known: smoke.')

@@ -1,0 +1,484 @@
+"""Training system: TrainState, the pure steps, and ``train_and_evaluate``.
+
+Only this module (and the small builders it calls) reads the ConfigDict; the library below
+takes explicit arguments. ``train_step`` is pure, jitted once with the state donated, and runs
+data parallel over a ``('data',)`` mesh of all devices (params replicated, batch sharded).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import os
+import platform
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lrdfa_jax import data as data_lib
+from lrdfa_jax import dfa, feedback as fb, layers, losses, models, optim
+
+METHODS = ('bp', 'svd_bp', 'dfa', 'ssa')
+LOCAL_METHODS = ('dfa', 'ssa')
+FACTORED_METHODS = ('svd_bp', 'ssa')
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state, BatchNorm statistics and the fixed feedback, in one pytree."""
+  batch_stats: Any = None
+  feedback: fb.Feedback | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The static part of a step (hashable: one jit per run)."""
+  method: str
+  align: str = 'none'
+  align_weight: float = 0.0
+  hoyer_weight: float = 0.0
+
+
+# ---------------------------------------------------------------------------------- steps
+
+
+def _variables(state: TrainState, params: Any) -> dict[str, Any]:
+  v = {'params': params}
+  if state.batch_stats:
+    v['batch_stats'] = state.batch_stats
+  return v
+
+
+def compute_updates(cfg: StepConfig, state: TrainState, batch: dict[str, Any]):
+  """``(updates, aux)`` of the configured method: local (DFA/SSA) or backprop."""
+  local = cfg.method in LOCAL_METHODS
+
+  def forward(params):
+    variables = _variables(state, params)
+    if state.batch_stats:
+      out, mutated = state.apply_fn(variables, batch['image'], train=True, local=local,
+                                    mutable=['batch_stats'])
+      return out, mutated['batch_stats']
+    return state.apply_fn(variables, batch['image'], train=True, local=local), state.batch_stats
+
+  if local:
+    grads, aux = dfa.local_grads(forward, state.params, state.feedback, batch['label'],
+                                 align=cfg.align, align_weight=cfg.align_weight)
+  else:
+    grads, aux = dfa.bp_grads(forward, state.params, batch['label'])
+  if cfg.hoyer_weight:
+    hoyer = lambda p: sum(losses.hoyer(l['s']) for l in _svd_layers(p).values())  # noqa: E731
+    grads = jax.tree.map(lambda g, h: g + cfg.hoyer_weight * h, grads, jax.grad(hoyer)(state.params))
+  return grads, aux
+
+
+def train_step(state: TrainState, batch: dict[str, Any], cfg: StepConfig):
+  """One update; pure. Returns ``(new_state, metrics)``."""
+  grads, aux = compute_updates(cfg, state, batch)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            batch_stats=aux['extra'])
+  metrics = {
+      'loss': aux['loss'],
+      'accuracy': jnp.mean(jnp.argmax(aux['logits'], -1) == batch['label']),
+      'update_norm': optax.global_norm(grads),
+      'align_loss': aux['align_loss'],
+  }
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, Any]) -> dict[str, jax.Array]:
+  """Sums over the real (``mask``) examples: loss, top-1 and top-5 hits, count."""
+  logits, _ = state.apply_fn(_variables(state, state.params), batch['image'], train=False)
+  mask = batch['mask']
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+  k = min(5, logits.shape[-1])
+  topk = jax.lax.top_k(logits, k)[1]
+  return {
+      'loss_sum': jnp.sum(ce * mask),
+      'top1_sum': jnp.sum((topk[:, 0] == batch['label']) * mask),
+      'top5_sum': jnp.sum(jnp.any(topk == batch['label'][:, None], -1) * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+def angle_step(cfg: StepConfig, state: TrainState, batch: dict[str, Any]) -> dict[str, jax.Array]:
+  """Per-layer angle (degrees) between the method's update and the true BP gradient."""
+  local, _ = compute_updates(cfg, state, batch)
+  bp, _ = compute_updates(dataclasses.replace(cfg, method='bp', hoyer_weight=0.0), state, batch)
+  return dfa.update_angles(local, bp)
+
+
+def _svd_layers(params: Any, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in params.items():
+    if layers.is_svd_layer(v):
+      out[prefix + k] = v
+    elif isinstance(v, dict):
+      out.update(_svd_layers(v, f'{prefix}{k}/'))
+  return out
+
+
+def layer_stats(params: Any) -> dict[str, jax.Array]:
+  """Orthogonality error ``‖UᵀU−I‖²/r² + ‖VᵀV−I‖²/r²`` and rank of every factored layer."""
+  out = {}
+  for name, l in _svd_layers(params).items():
+    out[f'orth/{name}'] = losses.orthogonality(l['u'], l['v'])
+    out[f'rank/{name}'] = jnp.asarray(l['s'].shape[0])
+    out[f'eff_rank/{name}'] = jnp.sum(jnp.abs(l['s']) > 1e-3 * jnp.max(jnp.abs(l['s'])))
+  return out
+
+
+# ------------------------------------------------------------------------------ building
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message says what to change."""
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Fails fast, before anything is loaded or written."""
+  method = config.dfa.method
+  if method not in METHODS:
+    raise ConfigError(f'unknown dfa.method {method!r}; choose one of {", ".join(METHODS)}.')
+  if config.model.name not in models.MODELS:
+    raise ConfigError(f'unknown model.name {config.model.name!r}; choose one of '
+                      f'{", ".join(sorted(models.MODELS))}.')
+  if config.data.source not in data_lib.SOURCES:
+    raise ConfigError(f'unknown data.source {config.data.source!r}; choose one of '
+                      f'{", ".join(data_lib.SOURCES)}.')
+  bs = config.train.batch_size
+  if bs <= 0 or bs % num_devices:
+    raise ConfigError(f'train.batch_size={bs} is not divisible by the {num_devices} devices; '
+                      f'use a multiple of {num_devices}.')
+  if config.dfa.align not in dfa.ALIGNMENTS:
+    raise ConfigError(f'unknown dfa.align {config.dfa.align!r}; choose one of {dfa.ALIGNMENTS}.')
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  """Dense model for ``bp``/``dfa``; SVD layers at ``model.rank`` for ``svd_bp``/``ssa``."""
+  m = config.model
+  rank = m.rank if config.dfa.method in FACTORED_METHODS else None
+  return models.build_model(m.name, num_classes=num_classes, rank=rank,
+                            overrides=parse_overrides(m.overrides) if rank is not None else None,
+                            split=m.split, act=m.act, **m.kwargs.to_dict())
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+  """``'conv1:dense,fc1:0.5,head:10'`` -> ``{'conv1': 'dense', 'fc1': 0.5, 'head': 10}``."""
+  out: dict[str, Any] = {}
+  for item in filter(None, (t.strip() for t in text.split(','))):
+    name, sep, value = item.partition(':')
+    if not sep:
+      raise ConfigError(f'model.overrides item {item!r} must look like layer:rank or layer:dense.')
+    value = value.strip()
+    if value == 'dense':
+      out[name.strip()] = value
+    else:
+      try:
+        out[name.strip()] = float(value) if '.' in value else int(value)
+      except ValueError:
+        raise ConfigError(f'model.overrides: {value!r} for {name!r} is neither a rank nor '
+                          "'dense'.") from None
+  return out
+
+
+def build_feedback(config, key, params, tap_shapes, num_classes) -> fb.Feedback:
+  """Structured feedback for ``ssa``, dense random for ``dfa``; none for backprop."""
+  d = config.dfa
+  if d.method not in LOCAL_METHODS:
+    return fb.Feedback(groups={}, index=())
+  kind = d.feedback if d.feedback != 'auto' else ('structured' if d.method == 'ssa' else 'dense')
+  ranks = {}
+  for name in tap_shapes:
+    layer = params.get(name)
+    k = layer['s'].shape[0] if layers.is_svd_layer(layer) else num_classes
+    ranks[name] = min(k, d.feedback_rank) if d.feedback_rank else k
+  return fb.init_feedback(key, dfa.tap_widths(tap_shapes, d.delivery), num_classes, kind=kind,
+                          ranks=ranks, scale=d.feedback_scale)
+
+
+def create_train_state(config, model, tx, image_shape, num_classes, key) -> TrainState:
+  k_init, k_fb = jax.random.split(key)
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = model.init(k_init, x, train=False)
+  params = variables['params']
+  tap_shapes = jax.eval_shape(lambda v: model.apply(v, x, train=False)[1], variables)
+  feedback = build_feedback(config, k_fb, params, tap_shapes, num_classes)
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                           batch_stats=variables.get('batch_stats'), feedback=feedback)
+
+
+def build_tx(config, total_steps: int) -> optax.GradientTransformation:
+  o = config.opt
+  steps_warmup = int(o.warmup_steps)
+  schedule = optim.make_schedule(o.lr, total_steps, kind=o.schedule, warmup_steps=steps_warmup)
+  orth = config.dfa.orth_weight if config.dfa.method in FACTORED_METHODS else 0.0
+  return optim.build_optimizer(learning_rate=schedule, optimizer=o.name, b1=o.b1, b2=o.b2,
+                               momentum=o.momentum, weight_decay=o.weight_decay,
+                               orth_weight=orth, retract=o.retract_every,
+                               clip_norm=o.clip_norm), schedule
+
+
+def param_count(params: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+  devices = jax.devices()
+  if num_devices:
+    devices = devices[:num_devices]
+  return jax.sharding.Mesh(np.asarray(devices), ('data',))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  sharding = NamedSharding(mesh, P('data'))
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def make_steps(cfg: StepConfig, mesh, state: TrainState):
+  """The jitted train, eval and angle steps for a mesh: state replicated, batch sharded."""
+  repl = NamedSharding(mesh, P())
+  state_sharding = jax.tree.map(lambda _: repl, state)
+  train = jax.jit(functools.partial(train_step, cfg=cfg), donate_argnums=0,
+                  out_shardings=(state_sharding, repl))
+  evaluate = jax.jit(eval_step, out_shardings=repl)
+  angles = jax.jit(functools.partial(angle_step, cfg), out_shardings=repl)
+  return train, evaluate, angles
+
+
+# ---------------------------------------------------------------------------------- loop
+
+
+def _dataset_info(config) -> dict[str, Any]:
+  d = config.data
+  if d.source == 'synthetic':
+    s = d.synthetic
+    return dict(num_classes=s.num_classes, image_shape=tuple(s.image_shape), mean=(0.5,) * 3,
+                std=(0.25,) * 3)
+  if d.name not in data_lib.DATASETS:
+    raise ConfigError(f'unknown data.name {d.name!r}; choose one of '
+                      f'{", ".join(sorted(data_lib.DATASETS))}.')
+  return data_lib.DATASETS[d.name]
+
+
+def load_data(config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """Train/test arrays, plus a ``'validation'`` slice held out of train when asked for."""
+  d = config.data
+  extra = dict(d.synthetic.to_dict()) if d.source == 'synthetic' else {}
+  if 'image_shape' in extra:
+    extra['image_shape'] = tuple(extra['image_shape'])
+  splits = data_lib.load(d.source, d.name, data_dir=d.data_dir, cache_dir=d.cache_dir, **extra)
+  if not isinstance(splits['train'][0], np.ndarray):
+    raise ConfigError(f'{d.name} comes as a lazily decoded source; the training loop takes '
+                      'in-memory arrays (CIFAR-10/100) in this version.')
+  if d.validation_size:
+    images, labels = splits['train']
+    order = np.random.default_rng(0).permutation(len(labels))  # fixed split, seed-independent
+    val, keep = order[:d.validation_size], np.sort(order[d.validation_size:])
+    splits = {**splits, 'train': (images[keep], labels[keep]),
+              'validation': (images[val], labels[val])}
+  return splits
+
+
+def _machine() -> str:
+  dev = jax.devices()[0]
+  kind = getattr(dev, 'device_kind', dev.platform)
+  return f'{jax.device_count()}x {kind} ({platform.machine()}, {os.cpu_count()} CPUs)'
+
+
+def evaluate(eval_fn, state, images, labels, *, batch_size, info, mesh) -> dict[str, float]:
+  """Top-1/top-5 accuracy (percent) and mean loss over every example."""
+  totals = None
+  for batch in data_lib.eval_batches(images, labels, batch_size=batch_size, mean=info['mean'],
+                                     std=info['std'], process_index=jax.process_index(),
+                                     process_count=jax.process_count()):
+    out = eval_fn(state, shard_batch(batch, mesh))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  n = float(totals['count'])
+  return {'accuracy': 100.0 * float(totals['top1_sum']) / n,
+          'top5': 100.0 * float(totals['top5_sum']) / n, 'loss': float(totals['loss_sum']) / n}
+
+
+def _all_finite(tree) -> bool:
+  return bool(jax.device_get(jnp.all(jnp.array(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))))
+
+
+def _checkpoint_manager(workdir: str, keep: int):
+  import orbax.checkpoint as ocp
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, 'checkpoints')),
+      options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+
+def _save(mngr, state) -> None:
+  import orbax.checkpoint as ocp
+  mngr.save(int(jax.device_get(state.step)), args=ocp.args.StandardSave(state))
+
+
+def _restore(mngr, state):
+  import orbax.checkpoint as ocp
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  return mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
+
+
+def _log_train(writer, step, metrics, state, *, dt, lr, batch_size, epoch) -> float:
+  """Writes train metrics and layer stats; stops on a non-finite loss. Returns the loss."""
+  metrics = jax.device_get(metrics)
+  loss = float(metrics['loss'])
+  if not np.isfinite(loss):
+    raise FloatingPointError(
+        f'loss is {loss} at step {step}; stopping. The last good checkpoint is kept; '
+        'lower opt.lr or check the data.')
+  scalars = {**{f'train/{k}': v for k, v in metrics.items()}, 'lr': lr, 'step_time_s': dt,
+             'images_per_s': batch_size / dt, 'epoch': epoch}
+  scalars.update(jax.device_get(layer_stats(state.params)))
+  writer.write(step, scalars)
+  return loss
+
+
+def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                       step: int | None = None) -> TrainState:
+  """The TrainState saved in ``workdir/checkpoints`` (latest, or ``step``), on the host."""
+  import orbax.checkpoint as ocp
+  info = _dataset_info(config)
+  model = build_model(config, info['num_classes'])
+  tx, _ = build_tx(config, total_steps=1)  # the schedule does not shape the optimizer state
+  state = create_train_state(config, model, tx, info['image_shape'], info['num_classes'],
+                             jax.random.key(config.train.seed))
+  mngr = _checkpoint_manager(workdir, config.train.keep_checkpoints)
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints.')
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  finally:
+    mngr.close()
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
+  """Trains and evaluates; resumes from ``workdir/checkpoints`` when present.
+
+  Without a ``workdir`` nothing is written. Returns the run summary (also written to
+  ``workdir/summary.json``): final test accuracy in percent, params, wall time, config.
+  """
+  from tqdm import tqdm
+
+  from lrdfa_jax.writers import MetricWriter
+
+  t_start = time.time()
+  if config.train.distributed:
+    jax.distributed.initialize()
+  mesh = make_mesh(config.train.num_devices)
+  check_config(config, mesh.size)
+  info = _dataset_info(config)
+  splits = load_data(config)
+  images, labels = splits['train']
+  tc = config.train
+  steps_per_epoch = data_lib.num_train_batches(len(labels), tc.batch_size)
+  if steps_per_epoch == 0:
+    raise ConfigError(f'train.batch_size={tc.batch_size} exceeds the {len(labels)} training '
+                      'examples.')
+  total_steps = tc.epochs * steps_per_epoch
+  model = build_model(config, info['num_classes'])
+  tx, schedule = build_tx(config, total_steps)
+  state = create_train_state(config, model, tx, info['image_shape'], info['num_classes'],
+                             jax.random.key(tc.seed))
+  n_params = param_count(state.params)
+  cfg = StepConfig(method=config.dfa.method, align=config.dfa.align,
+                   align_weight=float(config.dfa.align_weight),
+                   hoyer_weight=float(config.dfa.hoyer_weight) if config.dfa.method in
+                   FACTORED_METHODS else 0.0)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  train_fn, eval_fn, angle_fn = make_steps(cfg, mesh, state)
+
+  # Everything above validates; only now is anything written.
+  writer = MetricWriter(workdir)
+  mngr = None
+  if workdir is not None:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    mngr = _checkpoint_manager(workdir, tc.keep_checkpoints)
+    if mngr.latest_step() is not None:
+      state = jax.device_put(_restore(mngr, state), NamedSharding(mesh, P()))
+  step = int(jax.device_get(state.step))
+  if step:
+    print(f'Resuming from step {step} in {workdir}.')
+  end_step = total_steps if not tc.stop_after_steps else min(total_steps, tc.stop_after_steps)
+  bar = tqdm(total=end_step, initial=step, desc=f'{config.model.name}/{cfg.method}',
+             disable=not tc.progress_bar, dynamic_ncols=True)
+  test_metrics: dict[str, float] = {}
+  last_log, t_log = step, time.time()
+  try:
+    while step < end_step:
+      epoch, start_batch = divmod(step, steps_per_epoch)
+      epoch_end = min(end_step, (epoch + 1) * steps_per_epoch)
+      with data_lib.prefetch(data_lib.train_batches(
+          images, labels, batch_size=tc.batch_size, seed=tc.seed, epoch=epoch,
+          augment=config.data.augment, mean=info['mean'], std=info['std'],
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          start_batch=start_batch)) as batches:
+        for batch in itertools.islice(batches, epoch_end - step):
+          batch = shard_batch(batch, mesh)
+          if tc.angle_every and cfg.method in LOCAL_METHODS and step % tc.angle_every == 0:
+            angles = jax.device_get(angle_fn(state, batch))
+            writer.write(step, {f'angle/{k}': v for k, v in angles.items()})
+          state, metrics = train_fn(state, batch)
+          step += 1
+          bar.update(1)
+          if step % tc.log_every == 0 or step == epoch_end:
+            dt = (time.time() - t_log) / max(step - last_log, 1)
+            last_log, t_log = step, time.time()
+            loss = _log_train(writer, step, metrics, state, dt=dt, lr=float(schedule(step - 1)),
+                              batch_size=tc.batch_size, epoch=step / steps_per_epoch)
+            bar.set_postfix(loss=f'{loss:.3f}')
+      epoch_done = step % steps_per_epoch == 0
+      n_epoch = step // steps_per_epoch
+      if (epoch_done and n_epoch % tc.eval_every_epochs == 0) or step == end_step:
+        for split in [s for s in ('validation', 'test') if s in splits]:
+          res = evaluate(eval_fn, state, *splits[split], batch_size=tc.batch_size, info=info,
+                         mesh=mesh)
+          writer.write(step, {f'{split}/{k}': v for k, v in res.items()})
+          tqdm.write(f'epoch {step / steps_per_epoch:.2f} step {step}: {split} accuracy '
+                     f'{res["accuracy"]:.2f}% loss {res["loss"]:.4f}')
+          if split == 'test':
+            test_metrics = res
+      if mngr is not None and ((epoch_done and n_epoch % tc.checkpoint_every_epochs == 0)
+                               or step == end_step):
+        if not _all_finite(state.params):
+          raise FloatingPointError(f'non-finite params at step {step}; not checkpointing.')
+        _save(mngr, state)
+    if not test_metrics and 'test' in splits:  # e.g. a rerun of a finished run
+      test_metrics = evaluate(eval_fn, state, *splits['test'], batch_size=tc.batch_size,
+                              info=info, mesh=mesh)
+  finally:
+    bar.close()
+    if mngr is not None:
+      mngr.wait_until_finished()
+      mngr.close()
+    writer.close()
+
+  summary = {
+      'model': config.model.name, 'dataset': config.data.name, 'source': config.data.source,
+      'method': cfg.method, 'seed': tc.seed, 'step': step, 'epochs': step / steps_per_epoch,
+      'final_test_accuracy': test_metrics.get('accuracy'), 'final_test_top5': test_metrics.get('top5'),
+      'final_test_loss': test_metrics.get('loss'), 'trainable_params': n_params,
+      'wall_time_s': time.time() - t_start, 'machine': _machine(),
+      'config': json.loads(config.to_json_best_effort()),
+  }
+  if workdir is not None:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+  return summary

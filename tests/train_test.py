@@ -1,0 +1,145 @@
+"""Training system: learning, resume, interruption, sharding, tracing, NaN handling."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from lrdfa_jax import data as data_lib
+from lrdfa_jax import train
+
+
+def tiny_config(method='ssa', **overrides):
+  c = default.get_config()
+  c.data.source = 'synthetic'
+  c.data.synthetic.update(num_train=256, num_test=64, image_shape=(8, 8, 3), num_classes=4)
+  c.model.kwargs.widths = (4, 8, 8)
+  c.model.kwargs.hidden = 16
+  c.model.rank = 0.5
+  c.model.overrides = ''
+  c.dfa.method = method
+  c.opt.lr = 3e-3
+  c.opt.warmup_steps = 0
+  c.train.update(epochs=2, batch_size=32, log_every=2, angle_every=3, progress_bar=False,
+                 num_devices=1)
+  for k, v in overrides.items():
+    section, field = k.split('__')
+    c[section][field] = v
+  return c
+
+
+def _setup(config, num_devices=1):
+  info = train._dataset_info(config)
+  model = train.build_model(config, info['num_classes'])
+  tx, _ = train.build_tx(config, 1000)
+  state = train.create_train_state(config, model, tx, info['image_shape'], info['num_classes'],
+                                   jax.random.key(0))
+  cfg = train.StepConfig(method=config.dfa.method, align=config.dfa.align,
+                         align_weight=config.dfa.align_weight)
+  mesh = train.make_mesh(num_devices)
+  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return state, train.make_steps(cfg, mesh, state), mesh, info
+
+
+@pytest.mark.parametrize('model', ['mlp', 'small_conv'])
+@pytest.mark.parametrize('method', ['bp', 'svd_bp', 'dfa', 'ssa'])
+def test_tiny_training_loop_drives_loss_down(method, model):
+  config = tiny_config(method)
+  config.model.name = model
+  config.model.kwargs = ({'features': (32, 32)} if model == 'mlp' else
+                         {'widths': (8, 16, 16), 'hidden': 32})
+  state, (train_fn, _, _), mesh, info = _setup(config)
+  feedback0 = jax.tree.map(np.asarray, state.feedback)
+  images, labels = data_lib.synthetic(num_train=256, image_shape=(8, 8, 3), num_classes=4)['train']
+  losses = []
+  for epoch in range(40):  # 320 steps
+    for batch in data_lib.train_batches(images, labels, batch_size=32, seed=0, epoch=epoch,
+                                        augment=False, mean=info['mean'], std=info['std']):
+      state, m = train_fn(state, train.shard_batch(batch, mesh))
+      losses.append(float(m['loss']))
+  first, last = np.mean(losses[:8]), np.mean(losses[-8:])
+  assert last < 0.5 * first, (method, model, first, last)
+  assert train_fn._cache_size() == 1  # traced once
+  # the feedback is carried unchanged
+  jax.tree.map(np.testing.assert_array_equal, feedback0, jax.tree.map(np.asarray, state.feedback))
+  if method in ('dfa', 'ssa'):
+    assert feedback0.names
+
+
+def test_sharded_step_equals_single_device():
+  assert jax.device_count() == 4
+  config = tiny_config('ssa')
+  batch = next(data_lib.train_batches(*data_lib.synthetic(num_train=64, image_shape=(8, 8, 3),
+                                                          num_classes=4)['train'],
+                                      batch_size=32, seed=0, epoch=0, mean=(0.5,) * 3,
+                                      std=(0.25,) * 3))
+  out = {}
+  for n in (1, 4):
+    state, (train_fn, eval_fn, angle_fn), mesh, _ = _setup(config, n)
+    b = train.shard_batch(batch, mesh)
+    assert len(b['image'].sharding.device_set) == n
+    for _ in range(2):
+      state, m = train_fn(state, b)
+    out[n] = jax.device_get((state.params, m, angle_fn(state, b)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), out[1], out[4])
+
+
+def _read_steps(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(l)['step'] for l in f]
+
+
+def test_end_to_end_checkpoint_resume_and_interruption(tmp_path):
+  # 256 examples / 32 = 8 steps per epoch, 2 epochs; interrupt mid-epoch at step 5
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  full = train.train_and_evaluate(tiny_config(), a)
+  assert full['step'] == 16 and full['final_test_accuracy'] is not None
+  assert sorted(os.listdir(os.path.join(a, 'checkpoints'))) == ['16', '8']
+  assert {'summary.json', 'config.json', 'metrics.jsonl', 'tb'} <= set(os.listdir(a))
+
+  part = train.train_and_evaluate(tiny_config(train__stop_after_steps=5), b)
+  assert part['step'] == 5
+  assert train.restore_checkpoint(tiny_config(), b).step == 5
+  rest = train.train_and_evaluate(tiny_config(), b)
+  assert rest['step'] == 16
+  assert min(s for s in _read_steps(b) if s > 5) > 5 and max(_read_steps(b)) == 16
+
+  sa, sb = train.restore_checkpoint(tiny_config(), a), train.restore_checkpoint(tiny_config(), b)
+  jax.tree.map(np.testing.assert_array_equal, (sa.params, sa.opt_state, sa.feedback),
+               (sb.params, sb.opt_state, sb.feedback))
+  assert rest['final_test_accuracy'] == full['final_test_accuracy']
+
+  # a second call on a finished run restores the identical state and trains no more
+  again = train.train_and_evaluate(tiny_config(), a)
+  assert again['step'] == 16
+  s2 = train.restore_checkpoint(tiny_config(), a)
+  jax.tree.map(np.testing.assert_array_equal, (sa.params, sa.opt_state), (s2.params, s2.opt_state))
+
+
+def test_nan_stops_and_keeps_last_checkpoint(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(train__epochs=1), workdir)
+  good = train.restore_checkpoint(tiny_config(), workdir)
+  # resume with a learning rate that turns the params into NaN (divergence, simulated)
+  blow = tiny_config(train__epochs=3, opt__lr=float('nan'), train__log_every=1)
+  with pytest.raises(FloatingPointError, match='last good checkpoint'):
+    train.train_and_evaluate(blow, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['8']
+  kept = train.restore_checkpoint(tiny_config(), workdir)
+  jax.tree.map(np.testing.assert_array_equal, good.params, kept.params)
+
+
+def test_angles_and_layer_stats_are_logged(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(train__epochs=1), workdir)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    recs = [json.loads(l) for l in f]
+  keys = set().union(*recs)
+  assert {'angle/conv2', 'angle/head', 'orth/conv2', 'rank/conv2', 'train/loss', 'lr',
+          'images_per_s', 'test/accuracy', 'test/top5'} <= keys
+  head = [r['angle/head'] for r in recs if 'angle/head' in r]
+  np.testing.assert_allclose(head, 0.0, atol=0.5)  # the output layer gets the BP gradient
+  assert all(0 <= r['angle/conv2'] <= 180 for r in recs if 'angle/conv2' in r)
