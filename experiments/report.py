@@ -1,0 +1,153 @@
+"""Results table and plots from run directories or exported summaries.
+
+Export finished runs (one JSON each, with accuracy and angle curves) and rebuild the report:
+  python -m experiments.report --runs='runs/c10/*' --export=results/cifar10_small_conv
+  python -m experiments.report --results=results/cifar10_small_conv
+The second command writes ``report.md`` (mean ± std over seeds per variant) and
+``accuracy.png`` / ``angles.png`` into the results folder, from the committed JSON alone.
+The headline number is the final test accuracy, never the best epoch.
+"""
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+
+from lrdfa_jax.writers import read_jsonl
+
+_RUNS = flags.DEFINE_string('runs', None, 'Glob of run directories to export.')
+_EXPORT = flags.DEFINE_string('export', None, 'Folder to write one summary JSON per run into.')
+_RESULTS = flags.DEFINE_string('results', None, 'Folder of exported summaries to report on.')
+
+
+def variant(summary: dict) -> str:
+  """A short label: the method plus what differs from its defaults (for the ablation)."""
+  d = summary['config']['dfa']
+  label = summary['method']
+  if label == 'ssa':
+    if d['align'] == 'none' or not d['align_weight']:
+      label += ' −align'
+    elif d['align'] != 'subspace':
+      label += f' ({d["align"]} align)'
+    if not d['orth_weight']:
+      label += ' −orth'
+  return label
+
+
+def export_run(run_dir: str, out_dir: str) -> str:
+  """Writes ``summary.json`` of a run plus its curves to ``out_dir``; returns the path."""
+  with open(os.path.join(run_dir, 'summary.json')) as f:
+    summary = json.load(f)
+  recs = read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))
+  curves = collections.defaultdict(list)
+  for r in recs:
+    for k, v in r.items():
+      if k.startswith(('test/accuracy', 'validation/accuracy', 'angle/')):
+        curves[k].append([r['step'], v])
+  steps_per_epoch = summary['step'] / summary['epochs'] if summary['epochs'] else 1
+  summary['curves'] = {'steps_per_epoch': steps_per_epoch, **curves}
+  summary['variant'] = variant(summary)
+  os.makedirs(out_dir, exist_ok=True)
+  name = (f"{summary['model']}_{summary['variant']}_seed{summary['seed']}"
+          .replace(' ', '_').replace('−', 'no-').replace('(', '').replace(')', ''))
+  path = os.path.join(out_dir, name + '.json')
+  with open(path, 'w') as f:
+    json.dump(summary, f, indent=1)
+  return path
+
+
+def load_results(folder: str) -> list[dict]:
+  out = []
+  for p in sorted(glob.glob(os.path.join(folder, '*.json'))):
+    with open(p) as f:
+      s = json.load(f)
+    if 'final_test_accuracy' in s:
+      out.append(s)
+  return out
+
+
+def table(results: list[dict]) -> str:
+  """Markdown: one row per variant, mean ± std (sample std) of the final test accuracy."""
+  groups = collections.defaultdict(list)
+  for s in results:
+    groups[s.get('variant') or variant(s)].append(s)
+  rows = ['| variant | seeds | final test accuracy (%) | trainable params | epochs | wall time / run (s) |',
+          '|---|---|---|---|---|---|']
+  order = sorted(groups, key=lambda v: -np.mean([s['final_test_accuracy'] for s in groups[v]]))
+  for v in order:
+    accs = np.array([s['final_test_accuracy'] for s in groups[v]])
+    std = f' ± {accs.std(ddof=1):.2f}' if len(accs) > 1 else ''
+    g = groups[v]
+    rows.append(f'| {v} | {len(accs)} | {accs.mean():.2f}{std} | {g[0]["trainable_params"]:,} | '
+                f'{g[0]["epochs"]:g} | {np.mean([s["wall_time_s"] for s in g]):.0f} |')
+  machines = sorted({s['machine'] for s in results})
+  return '\n'.join(rows) + f'\n\nMachine: {"; ".join(machines)}\n'
+
+
+def plot(results: list[dict], folder: str) -> list[str]:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  paths = []
+  fig, ax = plt.subplots(figsize=(6, 4))
+  colors = {}
+  for s in results:
+    c = s['curves']
+    pts = np.array(c.get('test/accuracy', []))
+    if not len(pts):
+      continue
+    v = s.get('variant') or variant(s)
+    line, = ax.plot(pts[:, 0] / c['steps_per_epoch'], pts[:, 1], marker='o', ms=3,
+                    color=colors.get(v), label=None if v in colors else v)
+    colors.setdefault(v, line.get_color())
+  ax.set_xlabel('epoch'); ax.set_ylabel('test accuracy (%)'); ax.grid(alpha=0.3); ax.legend()
+  paths.append(os.path.join(folder, 'accuracy.png'))
+  fig.tight_layout(); fig.savefig(paths[-1], dpi=120); plt.close(fig)
+
+  local = [s for s in results if any(k.startswith('angle/') for k in s['curves'])]
+  if local:
+    shown = {}
+    for s in local:
+      shown.setdefault(s.get('variant') or variant(s), s)  # first seed of each variant
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 3.6), squeeze=False)
+    for ax, (v, s) in zip(axes[0], shown.items()):
+      c = s['curves']
+      for k in sorted(k for k in c if k.startswith('angle/')):
+        pts = np.array(c[k])
+        ax.plot(pts[:, 0] / c['steps_per_epoch'], pts[:, 1], label=k.split('/', 1)[1])
+      ax.axhline(90, color='gray', lw=0.5)
+      ax.set_title(v); ax.set_xlabel('epoch'); ax.set_ylabel('angle to BP gradient (deg)')
+      ax.set_ylim(0, 180); ax.grid(alpha=0.3); ax.legend(fontsize=7)
+    paths.append(os.path.join(folder, 'angles.png'))
+    fig.tight_layout(); fig.savefig(paths[-1], dpi=120); plt.close(fig)
+  return paths
+
+
+def main(argv):
+  del argv
+  if _RUNS.value:
+    if not _EXPORT.value:
+      raise app.UsageError('--runs needs --export=FOLDER.')
+    for d in sorted(glob.glob(_RUNS.value)):
+      if os.path.exists(os.path.join(d, 'summary.json')):
+        print('exported', export_run(d, _EXPORT.value))
+  folder = _RESULTS.value or _EXPORT.value
+  if folder:
+    results = load_results(folder)
+    if not results:
+      raise app.UsageError(f'no run summaries in {folder}.')
+    md = table(results)
+    with open(os.path.join(folder, 'report.md'), 'w') as f:
+      f.write(md)
+    print(md)
+    for p in plot(results, folder):
+      print('wrote', p)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,44 @@
+"""experiments.report: export of run dirs, the mean ± std table, plots."""
+import json
+import os
+
+import numpy as np
+
+from experiments import report
+from lrdfa_jax import train
+from tests.train_test import tiny_config
+
+
+def test_export_table_and_plots(tmp_path):
+  runs = {}
+  for name, method, seed in [('a', 'ssa', 0), ('b', 'ssa', 1), ('c', 'bp', 0)]:
+    c = tiny_config(method, train__epochs=1, train__seed=seed)
+    runs[name] = train.train_and_evaluate(c, str(tmp_path / 'runs' / name))
+  out = tmp_path / 'results'
+  for name in runs:
+    report.export_run(str(tmp_path / 'runs' / name), str(out))
+  results = report.load_results(str(out))
+  assert len(results) == 3
+  s = next(r for r in results if r['method'] == 'ssa' and r['seed'] == 0)
+  for k in ('model', 'dataset', 'method', 'seed', 'final_test_accuracy', 'trainable_params',
+            'epochs', 'wall_time_s', 'machine', 'config'):
+    assert k in s
+  assert s['curves']['test/accuracy'][-1][1] == s['final_test_accuracy']
+  md = report.table(results)
+  accs = [runs['a']['final_test_accuracy'], runs['b']['final_test_accuracy']]
+  row = next(l for l in md.splitlines() if l.startswith('| ssa |'))
+  assert f'{np.mean(accs):.2f} ± {np.std(accs, ddof=1):.2f}' in row
+  assert '| 2 |' in row
+  paths = report.plot(results, str(out))
+  assert [os.path.basename(p) for p in paths] == ['accuracy.png', 'angles.png']
+  assert all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_variant_labels():
+  base = tiny_config('ssa')
+  s = {'method': 'ssa', 'config': json.loads(base.to_json())}
+  assert report.variant(s) == 'ssa'
+  s['config']['dfa']['orth_weight'] = 0.0
+  assert report.variant(s) == 'ssa −orth'
+  s['config']['dfa']['align'] = 'none'
+  assert report.variant(s) == 'ssa −align −orth'
