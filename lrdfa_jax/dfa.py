@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from lrdfa_jax import feedback as fb
-from lrdfa_jax import layers, losses
+from lrdfa_jax import layers, losses, models
 
 Array = jax.Array
 Forward = Callable[[Any], tuple[tuple[Array, dict[str, Array]], Any]]
@@ -56,11 +56,12 @@ def tap_widths(tap_shapes: dict[str, Any], mode: str = 'channel') -> dict[str, i
 def subspace_alignment_loss(params: Any, feedback: fb.Feedback) -> Array:
   """Σ over blocks of :func:`losses.alignment_subspace` for each block whose layer is factored.
 
-  The block's layer is ``params[name]`` (the layer that writes tap ``name``).
+  The block's layer is the one that writes tap ``name``: ``params[name]``, or for a block
+  that is a sub-module its last conv (:func:`lrdfa_jax.models.output_layer`).
   """
   total = jnp.zeros(())
   for name in feedback.names:
-    layer = params.get(name)
+    layer = models.output_layer(params, name)
     b = feedback.block(name)
     if layers.is_svd_layer(layer) and 'p' in b and layer['u'].shape[0] % b['p'].shape[0] == 0:
       total = total + losses.alignment_subspace(layer['u'], layer['s'], b['p'])

@@ -200,7 +200,7 @@ def build_feedback(config, key, params, tap_shapes, num_classes) -> fb.Feedback:
   kind = d.feedback if d.feedback != 'auto' else ('structured' if d.method == 'ssa' else 'dense')
   ranks = {}
   for name in tap_shapes:
-    layer = params.get(name)
+    layer = models.output_layer(params, name)  # the layer that writes the tap
     k = layer['s'].shape[0] if layers.is_svd_layer(layer) else num_classes
     ranks[name] = min(k, d.feedback_rank) if d.feedback_rank else k
   return fb.init_feedback(key, dfa.tap_widths(tap_shapes, d.delivery), num_classes, kind=kind,
@@ -218,10 +218,11 @@ def create_train_state(config, model, tx, image_shape, num_classes, key) -> Trai
                            batch_stats=variables.get('batch_stats'), feedback=feedback)
 
 
-def build_tx(config, total_steps: int) -> optax.GradientTransformation:
+def build_tx(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optax chain of the config and its learning-rate schedule."""
   o = config.opt
-  steps_warmup = int(o.warmup_steps)
-  schedule = optim.make_schedule(o.lr, total_steps, kind=o.schedule, warmup_steps=steps_warmup)
+  schedule = optim.make_schedule(o.lr, total_steps, kind=o.schedule,
+                                 warmup_steps=int(o.warmup_steps))
   orth = config.dfa.orth_weight if config.dfa.method in FACTORED_METHODS else 0.0
   return optim.build_optimizer(learning_rate=schedule, optimizer=o.name, b1=o.b1, b2=o.b2,
                                momentum=o.momentum, weight_decay=o.weight_decay,
@@ -311,8 +312,7 @@ def evaluate(eval_fn, state, images, labels, *, batch_size, info, mesh) -> dict[
 
 
 def _all_finite(tree) -> bool:
-  return bool(jax.device_get(jnp.all(jnp.array(
-      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))))
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
 
 
 def _checkpoint_manager(workdir: str, keep: int):

@@ -1,0 +1,1 @@
+"""Benchmarks: step time, memory and FLOPs of every method (``python -m benchmarks.step``)."""

@@ -1,0 +1,505 @@
+"""Step time, memory and FLOPs of every method on the same model, as ratios to backprop.
+
+Commands (run from the repository root; each writes ``OUT.json`` and ``OUT.md``)::
+
+  # main table: every method on each model, SVD methods at 1/4 of the dense parameter count
+  python -m benchmarks.step --models=small_conv,vgg13,resnet32 --methods=bp,svd_bp,dfa,ssa \
+      --ranks=0.25 --batch_size=128 --steps=10 --rounds=3 --out=benchmarks/results/cpu_cifar.json
+  # step time and memory against rank: dense, 1/2, 1/4, 1/8 of the parameters
+  python -m benchmarks.step --sweep=rank --models=small_conv --out=benchmarks/results/cpu_rank.json
+  # ... and against depth: ResNet-20/32/56
+  python -m benchmarks.step --sweep=depth --out=benchmarks/results/cpu_depth.json
+
+What is measured. For each (model, method, rank) the project's own jitted ``train_step`` (from
+``train.make_steps``, state donated, one device) is lowered and compiled once on a random
+synthetic batch (no data loading). XLA's ``memory_analysis()`` gives argument, output, alias
+and temporary bytes; ``cost_analysis()`` gives FLOPs. After ``--warmup`` steps, the variants of
+one model run interleaved, round-robin, ``--rounds`` times ``--steps`` steps each (the starting
+variant rotates every round), so load drift on a shared machine hits every method alike. Each
+step is timed on its own, up to ``block_until_ready`` of the returned state, which is fed back.
+``ratio_to_bp`` is the median step time over the median step time of ``bp`` measured in the same
+process (< 1 is faster); its min/max over rounds is the spread of the ratio.
+
+Ranks. ``--ranks`` are target fractions of the dense model's trainable parameters
+(``--rank_mode=params``, the default): for each, the global ``model.rank`` (a fraction of every
+factored layer's full rank) is found by bisection on the parameter count of the factored model,
+which is counted whole, including layers that ``model.overrides`` keeps dense (the default
+config keeps ``conv1`` and ``head`` dense; the benchmark uses the config as given).
+``--rank_mode=layer`` passes the values straight to ``model.rank`` instead. Dense methods
+(``bp``, ``dfa``) always have ``param_fraction`` 1.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lrdfa_jax import layers, train
+
+DEPTH_MODELS = ('resnet20', 'resnet32', 'resnet56')
+RANK_SWEEP = (0.5, 0.25, 0.125)
+
+# Targets from the method's structure (DESIGN.md, issue 5), as step-time ratios (< 1: faster).
+TARGET_LOCAL_VS_SAME_WEIGHTS = 2 / 3   # dfa vs bp, ssa vs svd_bp: no input gradients
+TARGET_SSA_VS_BP_AT_QUARTER = 1 / 2    # ssa at 1/4 of the params: >= 2x faster than dense bp
+TARGET_SSA_VS_SVD_BP_AT_QUARTER = 1 / 1.3  # ... and >= 1.3x faster than svd_bp
+
+
+# --------------------------------------------------------------------------------- config
+
+
+def load_config(path: str | None = None, sets: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """``configs/default.py`` (or ``path``, ``file.py[:arg]``) with ``section.field=value`` overrides."""
+  if path is None:
+    from configs import default
+    config = default.get_config()
+  else:
+    file, _, arg = path.partition(':')
+    spec = importlib.util.spec_from_file_location('_bench_config', file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  for item in sets:
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(f'--set {item!r} must look like section.field=value.')
+    try:
+      parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      parsed = value
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = parsed
+  return config
+
+
+def _with(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+  """A copy with ``section__field=value`` set."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  for k, v in fields.items():
+    section, field = k.split('__')
+    c[section][field] = v
+  return c
+
+
+def count_params(config: ml_collections.ConfigDict, image_shape, num_classes: int) -> int:
+  """Trainable parameters of the model the config builds (shapes only; nothing runs)."""
+  model = train.build_model(config, num_classes)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False))
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes['params'])))
+
+
+def rank_for_fraction(config: ml_collections.ConfigDict, fraction: float, image_shape,
+                      num_classes: int, iters: int = 24) -> tuple[float, float]:
+  """The global ``model.rank`` whose factored model has ``fraction`` of the dense params.
+
+  Bisection on the (monotone, stepwise) parameter count; returns ``(rank, achieved fraction)``
+  for whichever neighbour of the target is closer.
+  """
+  dense = count_params(_with(config, dfa__method='bp'), image_shape, num_classes)
+  cache: dict[float, float] = {}
+
+  def frac(r: float) -> float:
+    if r not in cache:
+      c = _with(config, dfa__method='svd_bp', model__rank=r)
+      cache[r] = count_params(c, image_shape, num_classes) / dense
+    return cache[r]
+
+  lo, hi = 1e-6, 1.0
+  if frac(lo) > fraction:
+    raise ValueError(f'{config.model.name}: {fraction} of the params is out of reach; at the '
+                     f'lowest rank the factored model keeps {frac(lo):.3f} of them (layers '
+                     f'kept dense by model.overrides={config.model.overrides!r} count).')
+  if frac(hi) <= fraction:
+    return hi, frac(hi)
+  for _ in range(iters):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if frac(mid) <= fraction else (lo, mid)
+  best = min((lo, hi), key=lambda r: abs(frac(r) - fraction))
+  return round(best, 6), frac(best)
+
+
+# ------------------------------------------------------------------------------ measuring
+
+
+def tree_bytes(tree: Any) -> int:
+  return int(sum(getattr(x, 'nbytes', 0) for x in jax.tree.leaves(tree)))
+
+
+def layer_ranks(params: Any, prefix: str = '') -> dict[str, int]:
+  """Rank of every factored layer, by path."""
+  out = {}
+  for k, v in params.items():
+    if layers.is_svd_layer(v):
+      out[prefix + k] = int(v['s'].shape[0])
+    elif isinstance(v, dict):
+      out.update(layer_ranks(v, f'{prefix}{k}/'))
+  return out
+
+
+def compiled_stats(compiled) -> dict[str, Any]:
+  """Bytes from ``memory_analysis()``, FLOPs from ``cost_analysis()``, op counts from the HLO."""
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # a list of per-computation dicts in older jax
+    cost = cost[0] if cost else {}
+  cost = dict(cost or {})
+  hlo = compiled.as_text()
+  peak = getattr(mem, 'peak_memory_in_bytes', 0) if mem is not None else 0
+  get = lambda name: int(getattr(mem, name, 0)) if mem is not None else None  # noqa: E731
+  return {
+      'argument_bytes': get('argument_size_in_bytes'),
+      'output_bytes': get('output_size_in_bytes'),
+      'alias_bytes': get('alias_size_in_bytes'),
+      'temp_bytes': get('temp_size_in_bytes'),
+      'peak_bytes': int(peak) if peak else None,  # not reported by every backend
+      'flops': float(cost.get('flops', 0.0)),
+      'transcendentals': float(cost.get('transcendentals', 0.0)),
+      'bytes_accessed': float(cost.get('bytes accessed', 0.0)),
+      'hlo_convolutions': hlo.count(' convolution('),
+      'hlo_dots': hlo.count(' dot('),
+  }
+
+
+def machine_info() -> dict[str, Any]:
+  dev = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [l.split(':', 1)[1].strip() for l in f if l.startswith('model name')]
+    cpu = names[0] if names else cpu
+  except OSError:
+    pass
+  import jaxlib
+  return {'device': getattr(dev, 'device_kind', dev.platform), 'platform': dev.platform,
+          'device_count': jax.device_count(), 'cpu': cpu, 'cpu_count': os.cpu_count(),
+          'jax_version': jax.__version__, 'jaxlib_version': jaxlib.__version__,
+          'python': platform.python_version()}
+
+
+@dataclasses.dataclass
+class _Variant:
+  method: str
+  target_fraction: float | None
+  rank: float | None
+  config: ml_collections.ConfigDict
+  record: dict[str, Any] = dataclasses.field(default_factory=dict)
+  compiled: Any = None
+  state: Any = None
+  times: list[list[float]] = dataclasses.field(default_factory=list)
+
+
+def _prepare(v: _Variant, batch, mesh, image_shape, num_classes, dense_params, seed) -> None:
+  config = v.config
+  model = train.build_model(config, num_classes)
+  tx, _ = train.build_tx(config, total_steps=1000)
+  state = train.create_train_state(config, model, tx, image_shape, num_classes,
+                                   jax.random.key(seed))
+  factored = v.method in train.FACTORED_METHODS
+  cfg = train.StepConfig(method=v.method, align=config.dfa.align,
+                         align_weight=float(config.dfa.align_weight),
+                         hoyer_weight=float(config.dfa.hoyer_weight) if factored else 0.0)
+  state = jax.device_put(state, NamedSharding(mesh, P()))
+  train_fn = train.make_steps(cfg, mesh, state)[0]
+  t0 = time.perf_counter()
+  v.compiled = train_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  n_params = train.param_count(state.params)
+  v.state = state
+  v.record.update({
+      'param_fraction': n_params / dense_params,
+      'target_param_fraction': v.target_fraction,
+      'rank': v.rank,
+      'layer_ranks': layer_ranks(jax.device_get(state.params)) if factored else {},
+      'trainable_params': n_params,
+      'dense_params': dense_params,
+      'param_bytes': tree_bytes(state.params),
+      'opt_state_bytes': tree_bytes(state.opt_state),
+      'batch_stats_bytes': tree_bytes(state.batch_stats),
+      'feedback_bytes': tree_bytes(state.feedback),
+      'compile_s': compile_s,
+      **compiled_stats(v.compiled),
+  })
+
+
+def _time_steps(v: _Variant, batch, n: int) -> list[float]:
+  out = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    v.state, metrics = v.compiled(v.state, batch)
+    jax.block_until_ready((v.state, metrics))
+    out.append(time.perf_counter() - t0)
+  return out
+
+
+def benchmark(config: ml_collections.ConfigDict, methods: Sequence[str] = train.METHODS,
+              fractions: Sequence[float] = (0.25,), *, batch_size: int = 128, steps: int = 10,
+              rounds: int = 3, warmup: int = 2, rank_mode: str = 'params',
+              image_shape: Sequence[int] | None = None, num_classes: int | None = None,
+              seed: int = 0, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+  """Benchmarks every method on ``config.model``; one record per (method, rank).
+
+  ``fractions`` are target parameter fractions (``rank_mode='params'``) or ``model.rank``
+  values (``'layer'``) for the factored methods; dense methods run once at fraction 1.
+  """
+  for m in methods:
+    if m not in train.METHODS:
+      raise ValueError(f'unknown method {m!r}; choose from {train.METHODS}.')
+  if rank_mode not in ('params', 'layer'):
+    raise ValueError(f"rank_mode must be 'params' or 'layer', got {rank_mode!r}.")
+  if image_shape is None or num_classes is None:
+    info = train._dataset_info(config)  # pylint: disable=protected-access
+    image_shape = tuple(image_shape or info['image_shape'])
+    num_classes = num_classes or info['num_classes']
+  image_shape = tuple(image_shape)
+  name = config.model.name
+  loadavg_start = os.getloadavg()
+  dense_params = count_params(_with(config, dfa__method='bp'), image_shape, num_classes)
+
+  ranks = {}
+  if any(m in train.FACTORED_METHODS for m in methods):
+    for f in fractions:
+      ranks[f] = (rank_for_fraction(config, f, image_shape, num_classes)[0]
+                  if rank_mode == 'params' else f)
+  variants = []
+  for method in sorted(methods, key=lambda m: m != 'bp'):  # bp first
+    if method not in train.FACTORED_METHODS:
+      variants.append(_Variant(method, None, None, _with(config, dfa__method=method)))
+      continue
+    for f in fractions:
+      variants.append(_Variant(method, f if rank_mode == 'params' else None, ranks[f],
+                               _with(config, dfa__method=method, model__rank=ranks[f])))
+
+  mesh = train.make_mesh(1)
+  rng = np.random.default_rng(seed)
+  batch = train.shard_batch({
+      'image': rng.normal(size=(batch_size, *image_shape)).astype(np.float32),
+      'label': rng.integers(0, num_classes, batch_size).astype(np.int32)}, mesh)
+  for v in variants:
+    _prepare(v, batch, mesh, image_shape, num_classes, dense_params, seed)
+    log(f'{name}/{v.method} rank={v.rank}: compiled in {v.record["compile_s"]:.1f}s, '
+        f'{v.record["flops"] / 1e9:.2f} GFLOP, temp {v.record["temp_bytes"] / 2**20:.1f} MiB')
+    _time_steps(v, batch, warmup)
+  for r in range(rounds):
+    k = r % len(variants)
+    for v in variants[k:] + variants[:k]:
+      v.times.append(_time_steps(v, batch, steps))
+      log(f'round {r + 1}/{rounds} {name}/{v.method} rank={v.rank}: '
+          f'median {np.median(v.times[-1]) * 1e3:.1f} ms')
+  loadavg_end = os.getloadavg()
+
+  def median(v: _Variant) -> float:
+    return float(np.median(np.concatenate(v.times)))
+
+  bp = next((v for v in variants if v.method == 'bp'), None)
+  svd_bp = {v.target_fraction if rank_mode == 'params' else v.rank: v
+            for v in variants if v.method == 'svd_bp'}
+  machine = machine_info()
+  stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+  records = []
+  for v in variants:
+    t = np.concatenate(v.times)
+    med = median(v)
+    rec = {
+        'model': name, 'method': v.method, 'batch_size': batch_size,
+        'image_shape': list(image_shape), 'num_classes': num_classes, **machine,
+        'step_time_median_s': med,
+        'step_time_p25_s': float(np.percentile(t, 25)),
+        'step_time_p75_s': float(np.percentile(t, 75)),
+        'step_time_min_s': float(t.min()), 'step_time_max_s': float(t.max()),
+        'step_time_round_medians_s': [float(np.median(x)) for x in v.times],
+        'images_per_s': batch_size / med,
+        **v.record,
+    }
+    for key, base in (('bp', bp), ('svd_bp', svd_bp.get(
+        v.target_fraction if rank_mode == 'params' else v.rank)
+        if v.method in train.FACTORED_METHODS else None)):
+      if base is None:
+        rec[f'ratio_to_{key}'] = None
+        continue
+      per_round = [np.median(a) / np.median(b) for a, b in zip(v.times, base.times)]
+      rec[f'ratio_to_{key}'] = med / median(base)
+      rec[f'ratio_to_{key}_round_min'] = float(min(per_round))
+      rec[f'ratio_to_{key}_round_max'] = float(max(per_round))
+      rec[f'flops_ratio_to_{key}'] = v.record['flops'] / base.record['flops']
+      rec[f'temp_ratio_to_{key}'] = (v.record['temp_bytes'] / base.record['temp_bytes']
+                                     if base.record['temp_bytes'] else None)
+    rec.update({
+        'steps': steps, 'rounds': rounds, 'warmup': warmup, 'rank_mode': rank_mode,
+        'loadavg_start': list(loadavg_start), 'loadavg_end': list(loadavg_end),
+        'timestamp': stamp,
+        'config': {'act': config.model.act, 'split': config.model.split,
+                   'overrides': config.model.overrides, 'optimizer': config.opt.name,
+                   'align': config.dfa.align, 'align_weight': config.dfa.align_weight,
+                   'orth_weight': config.dfa.orth_weight, 'feedback': config.dfa.feedback,
+                   'delivery': config.dfa.delivery, 'kwargs': config.model.kwargs.to_dict()},
+    })
+    records.append(rec)
+  for v in variants:  # free device buffers before the next model
+    v.state = v.compiled = None
+  return records
+
+
+# ------------------------------------------------------------------------------- reports
+
+
+def _mib(x) -> str:
+  return '–' if x is None else f'{x / 2**20:.1f}'
+
+
+def _x(x) -> str:
+  return '–' if x is None else f'{x:.2f}'
+
+
+def _fraction(r) -> str:
+  if r['method'] not in train.FACTORED_METHODS:
+    return '1 (dense)'
+  return f'{r["param_fraction"]:.3f} (rank {r["rank"]:g})'
+
+
+def markdown_table(records: Sequence[dict[str, Any]]) -> str:
+  """One row per record: time, throughput, ratios, FLOPs and memory."""
+  head = ('| model | method | params (fraction) | step ms, median [p25–p75] | img/s | time ×bp '
+          '[round min–max] | time ×svd_bp | GFLOP | FLOP ×bp | temp MiB | temp ×bp | args MiB '
+          '| params MiB | opt MiB |')
+  lines = [head, '|' + '---|' * head.count(' | ') + '---|']
+  for r in records:
+    ratio = '–' if r.get('ratio_to_bp') is None else (
+        f'{r["ratio_to_bp"]:.2f} [{r["ratio_to_bp_round_min"]:.2f}–'
+        f'{r["ratio_to_bp_round_max"]:.2f}]')
+    lines.append(
+        f'| {r["model"]} | {r["method"]} | {_fraction(r)} | '
+        f'{r["step_time_median_s"] * 1e3:.1f} [{r["step_time_p25_s"] * 1e3:.1f}–'
+        f'{r["step_time_p75_s"] * 1e3:.1f}] | {r["images_per_s"]:.0f} | {ratio} | '
+        f'{_x(r.get("ratio_to_svd_bp"))} | {r["flops"] / 1e9:.2f} | '
+        f'{_x(r.get("flops_ratio_to_bp"))} | {_mib(r["temp_bytes"])} | '
+        f'{_x(r.get("temp_ratio_to_bp"))} | {_mib(r["argument_bytes"])} | '
+        f'{_mib(r["param_bytes"])} | {_mib(r["opt_state_bytes"])} |')
+  return '\n'.join(lines)
+
+
+def target_table(records: Sequence[dict[str, Any]]) -> str:
+  """The issue's targets, per model and rank, with the measured ratios (time; < 1 is faster)."""
+  lines = ['| model | check | measured | target | met |', '|---|---|---|---|---|']
+
+  def row(model, check, value, target, lower=True):
+    if value is None:
+      return
+    met = value <= target if lower else value >= target
+    lines.append(f'| {model} | {check} | {value:.2f} | {"≤" if lower else "≥"} {target:.2f} | '
+                 f'{"yes" if met else "**no**"} |')
+
+  for r in records:
+    m, frac = r['model'], r.get('target_param_fraction')
+    if r['method'] == 'dfa':
+      row(m, 'dfa time / bp time (same weights)', r.get('ratio_to_bp'),
+          TARGET_LOCAL_VS_SAME_WEIGHTS)
+      row(m, 'dfa FLOPs / bp FLOPs', r.get('flops_ratio_to_bp'), TARGET_LOCAL_VS_SAME_WEIGHTS)
+    if r['method'] != 'ssa':
+      continue
+    at = f' at {r["param_fraction"]:.3f} of params'
+    row(m, f'ssa time / svd_bp time (same weights){at}', r.get('ratio_to_svd_bp'),
+        TARGET_LOCAL_VS_SAME_WEIGHTS)
+    row(m, f'ssa FLOPs / svd_bp FLOPs{at}', r.get('flops_ratio_to_svd_bp'),
+        TARGET_LOCAL_VS_SAME_WEIGHTS)
+    if frac is not None and abs(frac - 0.25) < 1e-9:
+      row(m, f'ssa time / dense bp time{at}', r.get('ratio_to_bp'), TARGET_SSA_VS_BP_AT_QUARTER)
+      row(m, f'ssa time / svd_bp time{at}', r.get('ratio_to_svd_bp'),
+          TARGET_SSA_VS_SVD_BP_AT_QUARTER)
+      row(m, f'ssa temp bytes / bp temp bytes{at}', r.get('temp_ratio_to_bp'), 1.0)
+      row(m, f'ssa temp bytes / svd_bp temp bytes{at}', r.get('temp_ratio_to_svd_bp'), 1.0)
+  return '\n'.join(lines)
+
+
+def markdown_report(records: Sequence[dict[str, Any]], command: str) -> str:
+  r0 = records[0]
+  loads = sorted({(tuple(r['loadavg_start']), tuple(r['loadavg_end'])) for r in records})
+  load_text = '; '.join(f'{a[0]:.2f} → {b[0]:.2f}' for a, b in loads)
+  return '\n'.join([
+      f'Command: `{command}`', '',
+      f'Machine: {r0["device_count"]}× {r0["device"]} ({r0["cpu"]}, {r0["cpu_count"]} CPUs); '
+      f'jax {r0["jax_version"]}, jaxlib {r0["jaxlib_version"]}, Python {r0["python"]}; '
+      f'{r0["timestamp"]}. 1-minute load average at start → end of each model\'s run: '
+      f'{load_text}.', '',
+      f'Batch {r0["batch_size"]} of shape {tuple(r0["image_shape"])}, {r0["num_classes"]} '
+      f'classes, random data; {r0["rounds"]} interleaved rounds × {r0["steps"]} timed steps per '
+      f'variant after {r0["warmup"]} warm-up steps. Ratios are step-time ratios (< 1: faster). '
+      'Memory and FLOPs from XLA\'s compiled `memory_analysis()` / `cost_analysis()`; temp = '
+      'temporaries (activations and workspace), args = donated state + batch.', '',
+      markdown_table(records), '', 'Targets:', '', target_table(records), ''])
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  p = argparse.ArgumentParser(prog='python -m benchmarks.step', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--models', default=None,
+                 help='comma separated model names (default small_conv; depth sweep: '
+                      + ','.join(DEPTH_MODELS) + ')')
+  p.add_argument('--methods', default=','.join(train.METHODS))
+  p.add_argument('--ranks', default=None,
+                 help='comma separated; parameter fractions (--rank_mode=params) or model.rank '
+                      'values (--rank_mode=layer) for svd_bp/ssa (default 0.25; rank sweep: '
+                      + ','.join(map(str, RANK_SWEEP)) + ')')
+  p.add_argument('--rank_mode', choices=('params', 'layer'), default='params')
+  p.add_argument('--sweep', choices=('none', 'rank', 'depth'), default='none')
+  p.add_argument('--batch_size', type=int, default=128)
+  p.add_argument('--steps', type=int, default=10)
+  p.add_argument('--rounds', type=int, default=3)
+  p.add_argument('--warmup', type=int, default=2)
+  p.add_argument('--dataset', default='cifar10', help='shapes only: cifar10 | cifar100 | ...')
+  p.add_argument('--config', default=None, help='config file[:arg] (default configs/default.py)')
+  p.add_argument('--set', action='append', default=[], metavar='SECTION.FIELD=VALUE',
+                 help='config override, repeatable, e.g. --set model.act=relu')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--out', required=True, help='JSON path; the markdown goes next to it (.md)')
+  args = p.parse_args(argv)
+
+  models = args.models or (','.join(DEPTH_MODELS) if args.sweep == 'depth' else 'small_conv')
+  ranks = args.ranks or (','.join(map(str, RANK_SWEEP)) if args.sweep == 'rank' else '0.25')
+  from lrdfa_jax import data as data_lib
+  info = data_lib.DATASETS[args.dataset]
+  base = load_config(args.config, args.set)
+  records = []
+  for name in filter(None, models.split(',')):
+    config = _with(base, model__name=name, data__name=args.dataset)
+    records += benchmark(config, [m for m in args.methods.split(',') if m],
+                         [float(r) for r in ranks.split(',') if r], batch_size=args.batch_size,
+                         steps=args.steps, rounds=args.rounds, warmup=args.warmup,
+                         rank_mode=args.rank_mode, image_shape=info['image_shape'],
+                         num_classes=info['num_classes'], seed=args.seed)
+  command = 'python -m benchmarks.step ' + ' '.join(
+      sys.argv[1:] if argv is None else list(argv))
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, 'w') as f:
+    json.dump(records, f, indent=1)
+  md = os.path.splitext(args.out)[0] + '.md'
+  with open(md, 'w') as f:
+    f.write(markdown_report(records, command))
+  print(markdown_report(records, command))
+  print(f'wrote {args.out} and {md}')
+  return records
+
+
+if __name__ == '__main__':
+  main()

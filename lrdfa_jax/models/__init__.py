@@ -1,0 +1,90 @@
+"""Models with DFA semantics. Each returns ``(logits, taps)``.
+
+``taps`` maps a block name to the block's output ``h_i`` (after activation and pooling; for a
+residual block, after the add). With ``local=True`` every block input is
+``stop_gradient``-ed, so a vjp through the model with cotangents on the taps gives each block
+its local update and nothing crosses blocks. The classifier (``head``) is the output block: it
+receives the exact CE gradient. What a block is in each model: ``docs/blocks.md``.
+
+Models take their layer constructors as arguments (``conv=``, ``dense=``), called as
+``conv(features, kernel_size, strides=..., padding=..., name=...)`` and
+``dense(features, name=...)``: ``nn.Conv``/``nn.Dense``, the SVD layers, or
+:func:`layer_factory`, which picks per qualified layer name.
+
+Zoo (select by name in :data:`MODELS`): ``mlp``, ``small_conv``, ``vgg13``, ``resnet20``,
+``resnet32``, ``resnet56`` (CIFAR), ``resnet18``, ``resnet50`` (ImageNet), ``mobilenet_v1``.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+
+from lrdfa_jax import layers
+from lrdfa_jax.models.common import (ACTIVATIONS, OUTPUT_LAYERS, avg_pool_2x2, block_input,
+                                     global_avg_pool, layer_factory, layer_paths, layer_rank,
+                                     max_pool_2x2, max_pool_3x3_s2, output_layer, scoped,
+                                     unmatched_overrides)
+from lrdfa_jax.models.mobilenet import MOBILENET_V1_BLOCKS, DepthwiseSeparable, MobileNetV1
+from lrdfa_jax.models.resnet import BLOCKS, BasicBlock, Bottleneck, ResNet
+from lrdfa_jax.models.small import MLP, SmallConv
+from lrdfa_jax.models.vgg import VGG, VGG13_WIDTHS
+
+_cifar_resnet = functools.partial(ResNet, block='basic', widths=(16, 32, 64), stem='cifar',
+                                  stem_width=16, shortcut='pad')
+_imagenet_resnet = functools.partial(ResNet, widths=(64, 128, 256, 512), stem='imagenet',
+                                     stem_width=64, shortcut='conv')
+
+MODELS = {
+    'mlp': MLP,
+    'small_conv': SmallConv,
+    'vgg13': functools.partial(VGG, widths=VGG13_WIDTHS),
+    'resnet20': functools.partial(_cifar_resnet, stage_sizes=(3, 3, 3)),
+    'resnet32': functools.partial(_cifar_resnet, stage_sizes=(5, 5, 5)),
+    'resnet56': functools.partial(_cifar_resnet, stage_sizes=(9, 9, 9)),
+    'resnet18': functools.partial(_imagenet_resnet, stage_sizes=(2, 2, 2, 2), block='basic'),
+    'resnet50': functools.partial(_imagenet_resnet, stage_sizes=(3, 4, 6, 3), block='bottleneck'),
+    'mobilenet_v1': MobileNetV1,
+}
+
+
+def _fields(fn) -> Mapping[str, Any]:
+  while isinstance(fn, functools.partial):
+    fn = fn.func
+  return fn.__dataclass_fields__
+
+
+def build_model(name: str, *, num_classes: int, rank: layers.Rank | None = None,
+                overrides: Mapping[str, Any] | None = None, split: str = 'spatial',
+                act: str = 'relu', **model_kwargs) -> nn.Module:
+  """Builds a model by name; ``rank=None`` for the dense model, else SVD layers at ``rank``.
+
+  ``overrides`` maps layer-name patterns to a rank or ``'dense'`` (:func:`layer_rank`);
+  ``model_kwargs`` go to the constructor (e.g. ``width=0.25``, ``shortcut='conv'``).
+  """
+  if name not in MODELS:
+    raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}.')
+  if act not in ACTIVATIONS:
+    raise ValueError(f'unknown activation {act!r}; choose one of {sorted(ACTIVATIONS)}.')
+  fields = _fields(MODELS[name])
+  unknown = set(model_kwargs) - set(fields)
+  if unknown:
+    raise ValueError(f'model {name!r} takes no argument(s) {sorted(unknown)}; it takes '
+                     f'{sorted(set(fields) - {"parent", "name", "conv", "dense", "act"})}.')
+  dense = layer_factory(layers.SVDDense, nn.Dense, rank, overrides)
+  conv = layer_factory(layers.SVDConv, nn.Conv, rank, overrides, split=split)
+  kwargs = dict(num_classes=num_classes, dense=dense, act=ACTIVATIONS[act], **model_kwargs)
+  if 'conv' in fields:
+    kwargs['conv'] = conv
+  return functools.partial(MODELS[name], **kwargs)()
+
+
+__all__ = [
+    'ACTIVATIONS', 'BLOCKS', 'MLP', 'MODELS', 'MOBILENET_V1_BLOCKS', 'OUTPUT_LAYERS',
+    'VGG13_WIDTHS', 'BasicBlock', 'Bottleneck', 'DepthwiseSeparable', 'MobileNetV1', 'ResNet',
+    'SmallConv', 'VGG', 'avg_pool_2x2', 'block_input', 'build_model', 'global_avg_pool',
+    'layer_factory', 'layer_paths', 'layer_rank', 'max_pool_2x2', 'max_pool_3x3_s2',
+    'output_layer', 'scoped', 'unmatched_overrides',
+]

@@ -1,0 +1,62 @@
+"""The small models: an MLP and the paper's 3-conv CNN (one layer per DFA block)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Callable
+
+import flax.linen as nn
+import jax
+
+from lrdfa_jax.models.common import ModuleFn, block_input, avg_pool_2x2, max_pool_2x2
+
+Array = jax.Array
+
+
+class MLP(nn.Module):
+  """Fully connected net: ``dense{i}`` hidden blocks, then ``head``."""
+  features: Sequence[int] = (256, 256)
+  num_classes: int = 10
+  dense: ModuleFn = nn.Dense
+  act: Callable[[Array], Array] = nn.relu
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False, local: bool = False):
+    del train
+    h = x.reshape(x.shape[0], -1)
+    taps = {}
+    for i, f in enumerate(self.features, start=1):
+      name = f'dense{i}'
+      h = self.act(self.dense(f, name=name)(block_input(h, local)))
+      taps[name] = h
+    logits = self.dense(self.num_classes, name='head')(block_input(h, local))
+    return logits, taps
+
+
+class SmallConv(nn.Module):
+  """The paper's small CNN: conv 32 → pool → 64 → pool → 128 → avgpool 2×2 → FC 512 → FC.
+
+  Blocks: ``conv1``, ``conv2``, ``conv3`` (conv, activation, pool), ``fc1``, ``head``.
+  """
+  num_classes: int = 10
+  widths: Sequence[int] = (32, 64, 128)
+  hidden: int = 512
+  conv: ModuleFn = nn.Conv
+  dense: ModuleFn = nn.Dense
+  act: Callable[[Array], Array] = nn.relu
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool = False, local: bool = False):
+    del train
+    taps = {}
+    h = x
+    for i, w in enumerate(self.widths, start=1):
+      name = f'conv{i}'
+      h = self.act(self.conv(w, (3, 3), strides=(1, 1), padding='SAME', name=name)(
+          block_input(h, local)))
+      h = max_pool_2x2(h) if i < len(self.widths) else avg_pool_2x2(h)
+      taps[name] = h
+    h = h.reshape(h.shape[0], -1)
+    h = self.act(self.dense(self.hidden, name='fc1')(block_input(h, local)))
+    taps['fc1'] = h
+    logits = self.dense(self.num_classes, name='head')(block_input(h, local))
+    return logits, taps

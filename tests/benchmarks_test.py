@@ -1,0 +1,100 @@
+"""The step benchmark: record fields, ratios, XLA statistics, rank search, CLI outputs.
+
+No wall-clock limit is asserted anywhere: timings only have to exist and be positive.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import step
+from configs import default
+
+IMAGE_SHAPE, NUM_CLASSES = (8, 8, 3), 4
+FIELDS = ('model', 'method', 'param_fraction', 'batch_size', 'device', 'step_time_median_s',
+          'images_per_s', 'ratio_to_bp', 'temp_bytes', 'flops', 'argument_bytes', 'output_bytes',
+          'param_bytes', 'opt_state_bytes', 'jax_version', 'jaxlib_version', 'cpu_count',
+          'loadavg_start', 'loadavg_end', 'step_time_p25_s', 'step_time_p75_s')
+
+
+def tiny_config(model='small_conv'):
+  c = default.get_config()
+  c.model.name = model
+  c.model.kwargs = ({'features': (32, 32)} if model == 'mlp' else
+                    {'widths': (4, 8, 8), 'hidden': 16})
+  c.model.overrides = ''
+  c.opt.warmup_steps = 0
+  return c
+
+
+@pytest.fixture(scope='module')
+def records():
+  return step.benchmark(tiny_config(), ('bp', 'svd_bp', 'dfa', 'ssa'), (0.5,), batch_size=8,
+                        steps=2, rounds=2, warmup=1, image_shape=IMAGE_SHAPE,
+                        num_classes=NUM_CLASSES, log=lambda _: None)
+
+
+def test_records_have_the_fields_and_sane_values(records):
+  assert [r['method'] for r in records] == ['bp', 'svd_bp', 'dfa', 'ssa']
+  for r in records:
+    assert set(FIELDS) <= set(r), set(FIELDS) - set(r)
+    assert r['model'] == 'small_conv' and r['batch_size'] == 8
+    assert r['step_time_median_s'] > 0 and r['images_per_s'] > 0
+    assert len(r['step_time_round_medians_s']) == 2
+    for k in ('flops', 'temp_bytes', 'argument_bytes', 'output_bytes', 'param_bytes',
+              'opt_state_bytes'):
+      assert r[k] > 0, (r['method'], k)
+  json.dumps(records)  # serialisable as is
+
+
+def test_ratios_and_param_fractions(records):
+  by = {r['method']: r for r in records}
+  assert by['bp']['ratio_to_bp'] == 1.0 and by['bp']['flops_ratio_to_bp'] == 1.0
+  assert by['svd_bp']['ratio_to_svd_bp'] == 1.0
+  assert by['dfa']['ratio_to_svd_bp'] is None  # a dense method has no factored twin
+  for m in ('bp', 'dfa'):
+    assert by[m]['param_fraction'] == 1.0 and by[m]['rank'] is None
+  for m in ('svd_bp', 'ssa'):
+    assert by[m]['target_param_fraction'] == 0.5
+    assert 0.3 < by[m]['param_fraction'] < 0.7  # tiny layers: coarse rank steps
+    assert by[m]['layer_ranks'] and by[m]['rank'] == by['svd_bp']['rank']
+  np.testing.assert_allclose(by['ssa']['ratio_to_bp'],
+                             by['ssa']['step_time_median_s'] / by['bp']['step_time_median_s'])
+
+
+def test_local_steps_have_fewer_flops_than_backprop_on_the_same_weights(records):
+  # structural: no input gradient between blocks (not a timing claim)
+  by = {r['method']: r for r in records}
+  assert by['dfa']['flops'] < by['bp']['flops']
+  assert by['dfa']['hlo_convolutions'] < by['bp']['hlo_convolutions']
+  assert by['ssa']['hlo_convolutions'] < by['svd_bp']['hlo_convolutions']
+
+
+@pytest.mark.parametrize('fraction', [0.5, 0.25])
+def test_rank_search_hits_the_parameter_fraction(fraction):
+  c = tiny_config('mlp')
+  rank, got = step.rank_for_fraction(c, fraction, IMAGE_SHAPE, NUM_CLASSES)
+  assert 0 < rank <= 1 and abs(got - fraction) < 0.05
+  dense = step.count_params(step._with(c, dfa__method='bp'), IMAGE_SHAPE, NUM_CLASSES)
+  svd = step.count_params(step._with(c, dfa__method='ssa', model__rank=rank), IMAGE_SHAPE,
+                          NUM_CLASSES)
+  assert svd / dense == pytest.approx(got)
+
+
+def test_unreachable_fraction_is_a_clear_error():
+  c = tiny_config('mlp')
+  c.model.overrides = 'dense1:dense'  # the 192x32 input layer alone is most of the params
+  with pytest.raises(ValueError, match='out of reach'):
+    step.rank_for_fraction(c, 0.01, IMAGE_SHAPE, NUM_CLASSES)
+
+
+def test_cli_writes_json_and_markdown(tmp_path):
+  out = tmp_path / 'r.json'
+  step.main(['--models=mlp', '--methods=bp,dfa', '--batch_size=4', '--steps=1', '--rounds=1',
+             '--warmup=0', '--dataset=cifar10', '--set', 'model.kwargs={"features": (16,)}',
+             f'--out={out}'])
+  recs = json.loads(out.read_text())
+  assert [r['method'] for r in recs] == ['bp', 'dfa']
+  assert recs[0]['image_shape'] == [32, 32, 3]
+  md = (tmp_path / 'r.md').read_text()
+  assert '| mlp | dfa |' in md and 'Command: `python -m benchmarks.step --models=mlp' in md
