@@ -42,3 +42,17 @@ def test_variant_labels():
   assert report.variant(s) == 'ssa −orth'
   s['config']['dfa']['align'] = 'none'
   assert report.variant(s) == 'ssa −align −orth'
+
+
+def test_protocol_variants_share_one_pipeline():
+  from experiments import protocol
+  base = protocol.config_for('bp', 0, 10).to_dict()
+  for name in protocol.VARIANTS:
+    c = protocol.config_for(name, 1, 10).to_dict()
+    assert c['train']['epochs'] == 10 and c['train']['seed'] == 1
+    for section in ('data', 'opt', 'model'):
+      assert c[section] == base[section], (name, section)
+    assert {k: v for k, v in c['train'].items() if k != 'seed'} == \
+        {k: v for k, v in base['train'].items() if k != 'seed'}
+  assert protocol.config_for('ssa_noorth', 0, 10).dfa.orth_weight == 0.0
+  assert protocol.config_for('ssa_noalign', 0, 10).dfa.align == 'none'

@@ -1,0 +1,71 @@
+"""The CIFAR-10 comparison protocol: every method on one pipeline, then the report.
+
+  python -m experiments.protocol --rundir=runs/protocol --results=results/cifar10_small_conv
+  python -m experiments.protocol ... --only=bp,ssa --seeds=0,1,2 --epochs=10
+
+Runs (skipping those already finished in ``--rundir``; interrupted ones resume): ``bp``
+and ``ssa`` for every seed, ``svd_bp``, ``dfa``, ``ssa`` without alignment and ``ssa``
+without orthogonality for the first seed. All share configs/cifar10.py (augmentation,
+optimizer, schedule, batch size, epochs); only the method fields differ. Then every run is
+exported to ``--results`` and the table and plots are rebuilt there (experiments.report).
+"""
+from __future__ import annotations
+
+import os
+
+from absl import app, flags
+
+from configs import cifar10
+from experiments import report
+from lrdfa_jax import train
+
+_RUNDIR = flags.DEFINE_string('rundir', 'runs/protocol', 'Where the runs live.')
+_RESULTS = flags.DEFINE_string('results', 'results/cifar10_small_conv', 'Exported summaries.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds for bp and ssa.')
+_EPOCHS = flags.DEFINE_integer('epochs', 10, 'Epochs for every run.')
+_ONLY = flags.DEFINE_list('only', None, 'Run only these variants (names below).')
+
+# variant name -> (config overrides, all seeds?)
+VARIANTS = {
+    'bp': ({'dfa.method': 'bp'}, True),
+    'ssa': ({'dfa.method': 'ssa'}, True),
+    'svd_bp': ({'dfa.method': 'svd_bp'}, False),
+    'dfa': ({'dfa.method': 'dfa'}, False),
+    'ssa_noalign': ({'dfa.method': 'ssa', 'dfa.align': 'none'}, False),
+    'ssa_noorth': ({'dfa.method': 'ssa', 'dfa.orth_weight': 0.0}, False),
+}
+
+
+def config_for(variant: str, seed: int, epochs: int):
+  c = cifar10.get_config()
+  for key, value in VARIANTS[variant][0].items():
+    section, field = key.split('.')
+    c[section][field] = value
+  c.train.seed = seed
+  c.train.epochs = epochs
+  c.train.progress_bar = False
+  return c
+
+
+def main(argv):
+  del argv
+  seeds = [int(s) for s in _SEEDS.value]
+  for variant, (_, all_seeds) in VARIANTS.items():
+    if _ONLY.value and variant not in _ONLY.value:
+      continue
+    for seed in seeds if all_seeds else seeds[:1]:
+      workdir = os.path.join(_RUNDIR.value, f'{variant}_seed{seed}')
+      if not os.path.exists(os.path.join(workdir, 'summary.json')):
+        s = train.train_and_evaluate(config_for(variant, seed, _EPOCHS.value), workdir)
+        print(f'{variant} seed {seed}: {s["final_test_accuracy"]:.2f}% '
+              f'in {s["wall_time_s"]:.0f} s')
+      report.export_run(workdir, _RESULTS.value)
+  results = report.load_results(_RESULTS.value) if os.path.isdir(_RESULTS.value) else []
+  if results:
+    with open(os.path.join(_RESULTS.value, 'report.md'), 'w') as f:
+      f.write(report.table(results))
+    report.plot(results, _RESULTS.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
