@@ -1,6 +1,7 @@
 """The CIFAR-10 comparison protocol: every method on one pipeline, then the report.
 
   python -m experiments.protocol --rundir=runs/protocol --results=results/cifar10_small_conv
+  (--results is experiments.report's flag; default here results/cifar10_small_conv)
   python -m experiments.protocol ... --only=bp,ssa --seeds=0,1,2 --epochs=10
 
 Runs (skipping those already finished in ``--rundir``; interrupted ones resume): ``bp``
@@ -20,7 +21,6 @@ from experiments import report
 from lrdfa_jax import train
 
 _RUNDIR = flags.DEFINE_string('rundir', 'runs/protocol', 'Where the runs live.')
-_RESULTS = flags.DEFINE_string('results', 'results/cifar10_small_conv', 'Exported summaries.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds for bp and ssa.')
 _EPOCHS = flags.DEFINE_integer('epochs', 10, 'Epochs for every run.')
 _ONLY = flags.DEFINE_list('only', None, 'Run only these variants (names below).')
@@ -49,6 +49,7 @@ def config_for(variant: str, seed: int, epochs: int):
 
 def main(argv):
   del argv
+  results_dir = report.RESULTS.value or 'results/cifar10_small_conv'  # --results, shared flag
   seeds = [int(s) for s in _SEEDS.value]
   for variant, (_, all_seeds) in VARIANTS.items():
     if _ONLY.value and variant not in _ONLY.value:
@@ -59,12 +60,12 @@ def main(argv):
         s = train.train_and_evaluate(config_for(variant, seed, _EPOCHS.value), workdir)
         print(f'{variant} seed {seed}: {s["final_test_accuracy"]:.2f}% '
               f'in {s["wall_time_s"]:.0f} s')
-      report.export_run(workdir, _RESULTS.value)
-  results = report.load_results(_RESULTS.value) if os.path.isdir(_RESULTS.value) else []
+      report.export_run(workdir, results_dir)
+  results = report.load_results(results_dir) if os.path.isdir(results_dir) else []
   if results:
-    with open(os.path.join(_RESULTS.value, 'report.md'), 'w') as f:
+    with open(os.path.join(results_dir, 'report.md'), 'w') as f:
       f.write(report.table(results))
-    report.plot(results, _RESULTS.value)
+    report.plot(results, results_dir)
 
 
 if __name__ == '__main__':

@@ -21,7 +21,7 @@ from lrdfa_jax.writers import read_jsonl
 
 _RUNS = flags.DEFINE_string('runs', None, 'Glob of run directories to export.')
 _EXPORT = flags.DEFINE_string('export', None, 'Folder to write one summary JSON per run into.')
-_RESULTS = flags.DEFINE_string('results', None, 'Folder of exported summaries to report on.')
+RESULTS = flags.DEFINE_string('results', None, 'Folder of exported summaries to report on.')
 
 
 def variant(summary: dict) -> str:
@@ -136,7 +136,7 @@ def main(argv):
     for d in sorted(glob.glob(_RUNS.value)):
       if os.path.exists(os.path.join(d, 'summary.json')):
         print('exported', export_run(d, _EXPORT.value))
-  folder = _RESULTS.value or _EXPORT.value
+  folder = RESULTS.value or _EXPORT.value
   if folder:
     results = load_results(folder)
     if not results:
