@@ -4,8 +4,9 @@ Run card:
   command:  python -m experiments.main --config=configs/cifar10.py --workdir=runs/c10
   smoke:    python -m experiments.main --config=configs/cifar10.py:smoke
   method:   --config.dfa.method=bp|svd_bp|dfa|ssa
-  expected: see the README's "Main run" section (measured on this project's 2-core CPU
-            machine; the number and the command that produced it are given there).
+  expected: 54.01 % final test accuracy after 10 epochs (ssa, seed 0), 2,343 s wall time on a
+            shared 2-core CPU (x86_64, jax 0.10.2), measured 2026-11-27 by the command above;
+            summary in results/main_cifar10/. About 8-10 minutes on an idle 2-core machine.
 """
 from configs import default
 
