@@ -1,14 +1,25 @@
-"""Step time, memory and FLOPs of every method on the same model, as ratios to backprop.
+r"""Step time, memory and FLOPs of every method on the same model, as ratios to backprop.
 
 Commands (run from the repository root; each writes ``OUT.json`` and ``OUT.md``)::
 
   # main table: every method on each model, SVD methods at 1/4 of the dense parameter count
   python -m benchmarks.step --models=small_conv,vgg13,resnet32 --methods=bp,svd_bp,dfa,ssa \
-      --ranks=0.25 --batch_size=128 --steps=10 --rounds=3 --out=benchmarks/results/cpu_cifar.json
+      --ranks=0.25 --batch_size=128 --steps=2 --rounds=8 --out=benchmarks/results/cpu_cifar.json
   # step time and memory against rank: dense, 1/2, 1/4, 1/8 of the parameters
-  python -m benchmarks.step --sweep=rank --models=small_conv --out=benchmarks/results/cpu_rank.json
-  # ... and against depth: ResNet-20/32/56
-  python -m benchmarks.step --sweep=depth --out=benchmarks/results/cpu_depth.json
+  python -m benchmarks.step --sweep=rank --models=small_conv,resnet32 --steps=2 --rounds=8 \
+      --out=benchmarks/results/cpu_rank_sweep.json
+  # ... and against depth: ResNet-20/32/56 at 1/4 of the parameters
+  python -m benchmarks.step --sweep=depth --steps=2 --rounds=8 \
+      --out=benchmarks/results/cpu_depth_sweep.json
+  # XLA:CPU's memory-minimising scheduler (its default favours concurrency, which keeps the
+  # independent per-block backward passes of dfa/ssa alive at once and inflates their temp bytes)
+  python -m benchmarks.step ... \
+      --xla_flags=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED
+  # rewrite OUT.md from OUT.json without measuring
+  python -m benchmarks.step --render=benchmarks/results/cpu_cifar.json
+
+Where the time goes: ``python -m benchmarks.profile`` (per-op times from a profiler trace).
+The committed results and what they mean: ``benchmarks/results/summary.md``.
 
 What is measured. For each (model, method, rank) the project's own jitted ``train_step`` (from
 ``train.make_steps``, state donated, one device) is lowered and compiled once on a random
@@ -38,6 +49,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -64,7 +76,7 @@ TARGET_SSA_VS_SVD_BP_AT_QUARTER = 1 / 1.3  # ... and >= 1.3x faster than svd_bp
 
 
 def load_config(path: str | None = None, sets: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """``configs/default.py`` (or ``path``, ``file.py[:arg]``) with ``section.field=value`` overrides."""
+  """``configs/default.py`` (or ``path``, ``file.py[:arg]``) with ``a.b=value`` overrides."""
   if path is None:
     from configs import default
     config = default.get_config()
@@ -90,7 +102,7 @@ def load_config(path: str | None = None, sets: Sequence[str] = ()) -> ml_collect
   return config
 
 
-def _with(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+def with_fields(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
   """A copy with ``section__field=value`` set."""
   c = ml_collections.ConfigDict(config.to_dict())
   for k, v in fields.items():
@@ -114,12 +126,12 @@ def rank_for_fraction(config: ml_collections.ConfigDict, fraction: float, image_
   Bisection on the (monotone, stepwise) parameter count; returns ``(rank, achieved fraction)``
   for whichever neighbour of the target is closer.
   """
-  dense = count_params(_with(config, dfa__method='bp'), image_shape, num_classes)
+  dense = count_params(with_fields(config, dfa__method='bp'), image_shape, num_classes)
   cache: dict[float, float] = {}
 
   def frac(r: float) -> float:
     if r not in cache:
-      c = _with(config, dfa__method='svd_bp', model__rank=r)
+      c = with_fields(config, dfa__method='svd_bp', model__rank=r)
       cache[r] = count_params(c, image_shape, num_classes) / dense
     return cache[r]
 
@@ -192,11 +204,12 @@ def machine_info() -> dict[str, Any]:
   return {'device': getattr(dev, 'device_kind', dev.platform), 'platform': dev.platform,
           'device_count': jax.device_count(), 'cpu': cpu, 'cpu_count': os.cpu_count(),
           'jax_version': jax.__version__, 'jaxlib_version': jaxlib.__version__,
-          'python': platform.python_version()}
+          'python': platform.python_version(), 'xla_flags': os.environ.get('XLA_FLAGS', '')}
 
 
 @dataclasses.dataclass
-class _Variant:
+class Variant:
+  """One (method, rank) of a model: its config, compiled step, live state and timings."""
   method: str
   target_fraction: float | None
   rank: float | None
@@ -207,7 +220,16 @@ class _Variant:
   times: list[list[float]] = dataclasses.field(default_factory=list)
 
 
-def _prepare(v: _Variant, batch, mesh, image_shape, num_classes, dense_params, seed) -> None:
+def synthetic_batch(mesh, batch_size: int, image_shape, num_classes: int, seed: int = 0):
+  """A random normal image batch with random labels, on the mesh."""
+  rng = np.random.default_rng(seed)
+  return train.shard_batch({
+      'image': rng.normal(size=(batch_size, *image_shape)).astype(np.float32),
+      'label': rng.integers(0, num_classes, batch_size).astype(np.int32)}, mesh)
+
+
+def prepare_step(v: Variant, batch, mesh, image_shape, num_classes, dense_params, seed) -> None:
+  """Builds ``v``'s state and compiles the project's jitted train step; fills ``v.record``."""
   config = v.config
   model = train.build_model(config, num_classes)
   tx, _ = train.build_tx(config, total_steps=1000)
@@ -240,7 +262,8 @@ def _prepare(v: _Variant, batch, mesh, image_shape, num_classes, dense_params, s
   })
 
 
-def _time_steps(v: _Variant, batch, n: int) -> list[float]:
+def time_steps(v: Variant, batch, n: int) -> list[float]:
+  """Runs ``n`` steps, feeding the donated state back; the wall time of each."""
   out = []
   for _ in range(n):
     t0 = time.perf_counter()
@@ -272,7 +295,7 @@ def benchmark(config: ml_collections.ConfigDict, methods: Sequence[str] = train.
   image_shape = tuple(image_shape)
   name = config.model.name
   loadavg_start = os.getloadavg()
-  dense_params = count_params(_with(config, dfa__method='bp'), image_shape, num_classes)
+  dense_params = count_params(with_fields(config, dfa__method='bp'), image_shape, num_classes)
 
   ranks = {}
   if any(m in train.FACTORED_METHODS for m in methods):
@@ -282,31 +305,28 @@ def benchmark(config: ml_collections.ConfigDict, methods: Sequence[str] = train.
   variants = []
   for method in sorted(methods, key=lambda m: m != 'bp'):  # bp first
     if method not in train.FACTORED_METHODS:
-      variants.append(_Variant(method, None, None, _with(config, dfa__method=method)))
+      variants.append(Variant(method, None, None, with_fields(config, dfa__method=method)))
       continue
     for f in fractions:
-      variants.append(_Variant(method, f if rank_mode == 'params' else None, ranks[f],
-                               _with(config, dfa__method=method, model__rank=ranks[f])))
+      variants.append(Variant(method, f if rank_mode == 'params' else None, ranks[f],
+                               with_fields(config, dfa__method=method, model__rank=ranks[f])))
 
   mesh = train.make_mesh(1)
-  rng = np.random.default_rng(seed)
-  batch = train.shard_batch({
-      'image': rng.normal(size=(batch_size, *image_shape)).astype(np.float32),
-      'label': rng.integers(0, num_classes, batch_size).astype(np.int32)}, mesh)
+  batch = synthetic_batch(mesh, batch_size, image_shape, num_classes, seed)
   for v in variants:
-    _prepare(v, batch, mesh, image_shape, num_classes, dense_params, seed)
+    prepare_step(v, batch, mesh, image_shape, num_classes, dense_params, seed)
     log(f'{name}/{v.method} rank={v.rank}: compiled in {v.record["compile_s"]:.1f}s, '
         f'{v.record["flops"] / 1e9:.2f} GFLOP, temp {v.record["temp_bytes"] / 2**20:.1f} MiB')
-    _time_steps(v, batch, warmup)
+    time_steps(v, batch, warmup)
   for r in range(rounds):
     k = r % len(variants)
     for v in variants[k:] + variants[:k]:
-      v.times.append(_time_steps(v, batch, steps))
+      v.times.append(time_steps(v, batch, steps))
       log(f'round {r + 1}/{rounds} {name}/{v.method} rank={v.rank}: '
           f'median {np.median(v.times[-1]) * 1e3:.1f} ms')
   loadavg_end = os.getloadavg()
 
-  def median(v: _Variant) -> float:
+  def median(v: Variant) -> float:
     return float(np.median(np.concatenate(v.times)))
 
   bp = next((v for v in variants if v.method == 'bp'), None)
@@ -337,6 +357,8 @@ def benchmark(config: ml_collections.ConfigDict, methods: Sequence[str] = train.
         continue
       per_round = [np.median(a) / np.median(b) for a, b in zip(v.times, base.times)]
       rec[f'ratio_to_{key}'] = med / median(base)
+      # the fastest step of each: the least load-sensitive statistic on a shared machine
+      rec[f'ratio_to_{key}_of_min'] = float(t.min() / np.concatenate(base.times).min())
       rec[f'ratio_to_{key}_round_min'] = float(min(per_round))
       rec[f'ratio_to_{key}_round_max'] = float(max(per_round))
       rec[f'flops_ratio_to_{key}'] = v.record['flops'] / base.record['flops']
@@ -378,8 +400,8 @@ def _fraction(r) -> str:
 def markdown_table(records: Sequence[dict[str, Any]]) -> str:
   """One row per record: time, throughput, ratios, FLOPs and memory."""
   head = ('| model | method | params (fraction) | step ms, median [p25–p75] | img/s | time ×bp '
-          '[round min–max] | time ×svd_bp | GFLOP | FLOP ×bp | temp MiB | temp ×bp | args MiB '
-          '| params MiB | opt MiB |')
+          '[round min–max] | min time ×bp | time ×svd_bp | GFLOP | FLOP ×bp | temp MiB '
+          '| temp ×bp | args MiB | params MiB | opt MiB |')
   lines = [head, '|' + '---|' * head.count(' | ') + '---|']
   for r in records:
     ratio = '–' if r.get('ratio_to_bp') is None else (
@@ -389,10 +411,27 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
         f'| {r["model"]} | {r["method"]} | {_fraction(r)} | '
         f'{r["step_time_median_s"] * 1e3:.1f} [{r["step_time_p25_s"] * 1e3:.1f}–'
         f'{r["step_time_p75_s"] * 1e3:.1f}] | {r["images_per_s"]:.0f} | {ratio} | '
+        f'{_x(r.get("ratio_to_bp_of_min"))} | '
         f'{_x(r.get("ratio_to_svd_bp"))} | {r["flops"] / 1e9:.2f} | '
         f'{_x(r.get("flops_ratio_to_bp"))} | {_mib(r["temp_bytes"])} | '
         f'{_x(r.get("temp_ratio_to_bp"))} | {_mib(r["argument_bytes"])} | '
         f'{_mib(r["param_bytes"])} | {_mib(r["opt_state_bytes"])} |')
+  return '\n'.join(lines)
+
+
+def sweep_table(records: Sequence[dict[str, Any]]) -> str:
+  """Compact view for sweeps: one row per (model, parameter fraction); time ratios to ``bp``."""
+  lines = ['| model | params | method: step ms (×bp) | temp MiB |', '|---|---|---|---|']
+  groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+  for r in records:
+    dense = r['method'] not in train.FACTORED_METHODS
+    key = (r['model'], '1 (dense)' if dense else f'{r["param_fraction"]:.3f}')
+    groups.setdefault(key, []).append(r)
+  for (model, frac), rs in groups.items():
+    times = ', '.join(f'{r["method"]} {r["step_time_median_s"] * 1e3:.0f} '
+                      f'({_x(r.get("ratio_to_bp"))})' for r in rs)
+    temps = ', '.join(f'{r["method"]} {_mib(r["temp_bytes"])}' for r in rs)
+    lines.append(f'| {model} | {frac} | {times} | {temps} |')
   return '\n'.join(lines)
 
 
@@ -438,13 +477,15 @@ def markdown_report(records: Sequence[dict[str, Any]], command: str) -> str:
       f'Machine: {r0["device_count"]}× {r0["device"]} ({r0["cpu"]}, {r0["cpu_count"]} CPUs); '
       f'jax {r0["jax_version"]}, jaxlib {r0["jaxlib_version"]}, Python {r0["python"]}; '
       f'{r0["timestamp"]}. 1-minute load average at start → end of each model\'s run: '
-      f'{load_text}.', '',
+      f'{load_text}. XLA_FLAGS: `{r0["xla_flags"] or "(none)"}`.', '',
       f'Batch {r0["batch_size"]} of shape {tuple(r0["image_shape"])}, {r0["num_classes"]} '
       f'classes, random data; {r0["rounds"]} interleaved rounds × {r0["steps"]} timed steps per '
       f'variant after {r0["warmup"]} warm-up steps. Ratios are step-time ratios (< 1: faster). '
       'Memory and FLOPs from XLA\'s compiled `memory_analysis()` / `cost_analysis()`; temp = '
-      'temporaries (activations and workspace), args = donated state + batch.', '',
-      markdown_table(records), '', 'Targets:', '', target_table(records), ''])
+      'temporaries (activations and workspace), args = donated state + batch; "min time ×bp" '
+      'compares the fastest step of each method (least sensitive to other load).', '',
+      markdown_table(records), '', 'By model and parameter fraction:', '', sweep_table(records),
+      '', 'Targets:', '', target_table(records), ''])
 
 
 # ---------------------------------------------------------------------------------- main
@@ -472,8 +513,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   p.add_argument('--set', action='append', default=[], metavar='SECTION.FIELD=VALUE',
                  help='config override, repeatable, e.g. --set model.act=relu')
   p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--out', required=True, help='JSON path; the markdown goes next to it (.md)')
+  p.add_argument('--xla_flags', default='',
+                 help='appended to $XLA_FLAGS before JAX starts, e.g. '
+                      '--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED')
+  p.add_argument('--out', help='JSON path; the markdown goes next to it (.md)')
+  p.add_argument('--render', metavar='JSON', help='measure nothing: rewrite JSON\'s .md from it')
+  p.add_argument('--command', help='with --render: the command to quote, when the JSON lacks it')
   args = p.parse_args(argv)
+  if args.render:
+    with open(args.render) as f:
+      records = json.load(f)
+    _write_markdown(records, records[0].get('command') or args.command or '(not recorded)',
+                    args.render)
+    return records
+  if not args.out:
+    p.error('--out is required (or --render).')
+  if args.xla_flags:  # read when the backend starts, i.e. at the first computation below
+    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {args.xla_flags}'.strip()
 
   models = args.models or (','.join(DEPTH_MODELS) if args.sweep == 'depth' else 'small_conv')
   ranks = args.ranks or (','.join(map(str, RANK_SWEEP)) if args.sweep == 'rank' else '0.25')
@@ -482,23 +538,29 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   base = load_config(args.config, args.set)
   records = []
   for name in filter(None, models.split(',')):
-    config = _with(base, model__name=name, data__name=args.dataset)
+    config = with_fields(base, model__name=name, data__name=args.dataset)
     records += benchmark(config, [m for m in args.methods.split(',') if m],
                          [float(r) for r in ranks.split(',') if r], batch_size=args.batch_size,
                          steps=args.steps, rounds=args.rounds, warmup=args.warmup,
                          rank_mode=args.rank_mode, image_shape=info['image_shape'],
                          num_classes=info['num_classes'], seed=args.seed)
-  command = 'python -m benchmarks.step ' + ' '.join(
-      sys.argv[1:] if argv is None else list(argv))
+  command = 'python -m benchmarks.step ' + shlex.join(sys.argv[1:] if argv is None else argv)
+  for r in records:
+    r['command'] = command
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump(records, f, indent=1)
-  md = os.path.splitext(args.out)[0] + '.md'
-  with open(md, 'w') as f:
-    f.write(markdown_report(records, command))
-  print(markdown_report(records, command))
-  print(f'wrote {args.out} and {md}')
+  _write_markdown(records, command, args.out)
   return records
+
+
+def _write_markdown(records: Sequence[dict[str, Any]], command: str, json_path: str) -> None:
+  md = os.path.splitext(json_path)[0] + '.md'
+  text = markdown_report(records, command)
+  with open(md, 'w') as f:
+    f.write(text)
+  print(text)
+  print(f'wrote {json_path} and {md}')
 
 
 if __name__ == '__main__':

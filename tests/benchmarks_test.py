@@ -75,8 +75,8 @@ def test_rank_search_hits_the_parameter_fraction(fraction):
   c = tiny_config('mlp')
   rank, got = step.rank_for_fraction(c, fraction, IMAGE_SHAPE, NUM_CLASSES)
   assert 0 < rank <= 1 and abs(got - fraction) < 0.05
-  dense = step.count_params(step._with(c, dfa__method='bp'), IMAGE_SHAPE, NUM_CLASSES)
-  svd = step.count_params(step._with(c, dfa__method='ssa', model__rank=rank), IMAGE_SHAPE,
+  dense = step.count_params(step.with_fields(c, dfa__method='bp'), IMAGE_SHAPE, NUM_CLASSES)
+  svd = step.count_params(step.with_fields(c, dfa__method='ssa', model__rank=rank), IMAGE_SHAPE,
                           NUM_CLASSES)
   assert svd / dense == pytest.approx(got)
 
@@ -98,3 +98,17 @@ def test_cli_writes_json_and_markdown(tmp_path):
   assert recs[0]['image_shape'] == [32, 32, 3]
   md = (tmp_path / 'r.md').read_text()
   assert '| mlp | dfa |' in md and 'Command: `python -m benchmarks.step --models=mlp' in md
+  # --render rewrites the markdown from the JSON alone
+  (tmp_path / 'r.md').unlink()
+  step.main([f'--render={out}'])
+  assert (tmp_path / 'r.md').read_text() == md
+
+
+def test_profile_reads_instruction_names_from_hlo():
+  import jax
+  import jax.numpy as jnp
+  from benchmarks import profile
+  compiled = jax.jit(lambda x: jnp.tanh(x @ x.T).sum()).lower(jnp.ones((4, 3))).compile()
+  instrs = profile.hlo_instructions(compiled.as_text())
+  assert any(i['opcode'] in ('dot', 'fusion', 'custom-call') for i in instrs.values())
+  assert all({'type', 'opcode', 'op_name'} <= set(i) for i in instrs.values())
