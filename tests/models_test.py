@@ -1,6 +1,8 @@
 """The model zoo: builds, parameter counts, a train step per method, full-rank equality,
 block locality, the per-layer rank syntax and the block -> output-layer convention."""
 import functools
+import importlib
+import os
 
 import flax.linen as nn
 import jax
@@ -13,8 +15,8 @@ from lrdfa_jax import dfa, feedback as fb, layers, models, train
 
 ZOO = ('vgg13', 'resnet20', 'resnet32', 'resnet56', 'resnet18', 'resnet50', 'mobilenet_v1')
 
-# Width-reduced test variants and the input size each needs (VGG: 5 pools; ImageNet
-# ResNets: /32; MobileNetV1: /16).
+# Width-reduced test variants at the registered depth, and the input size each needs (VGG:
+# 5 pools; ImageNet ResNets: /32; MobileNetV1: /16).
 TINY = {
     'vgg13': (dict(width=1 / 16), 32),
     'resnet20': (dict(width=0.25), 8),
@@ -24,8 +26,38 @@ TINY = {
     'resnet50': (dict(width=1 / 16), 32),
     'mobilenet_v1': (dict(width=1 / 8), 16),
 }
+# ... and shallow as well, for the tests that compile a train step or a forward: XLA:CPU takes
+# ~0.1-0.2 s per conv to compile, so a full-depth ResNet-56 step costs a minute per method.
+# One registered name per architecture family, each keeping its family's distinct parts: the
+# stem, the block type, identity and projection/pad shortcuts, depthwise convs.
+SHALLOW = {
+    'vgg13': (dict(width=1 / 16, widths=((64,), (128,), (128,), (128,), (128,))), 32),
+    'resnet20': (dict(width=0.25, stage_sizes=(1, 1), widths=(16, 32)), 8),  # identity, pad
+    # basic blocks with identity and 1×1/2 conv shortcuts (resnet50 has the ImageNet stem)
+    'resnet18': (dict(width=1 / 16, stage_sizes=(1, 1), widths=(64, 128), stem='cifar'), 8),
+    'resnet50': (dict(width=1 / 16, stage_sizes=(1, 1), widths=(64, 128)), 32),  # 1×1, 1×1/2
+    'mobilenet_v1': (dict(width=1 / 8, blocks=((64, 1), (128, 2))), 16),
+}
+# LRDFA_FULL_ZOO_TESTS=1: those tests run on every registered model at its registered depth
+# (tiny width) instead; about 8 CPU-minutes.
+FULL_ZOO = bool(os.environ.get('LRDFA_FULL_ZOO_TESTS'))
+COMPILED_CASES = TINY if FULL_ZOO else SHALLOW
+# The block whose feedback the locality check swaps (one with a shortcut conv where there is).
+SWAP = {'vgg13': 'conv3', 'mobilenet_v1': 'block1'}
 C = 5
 B = 4
+# XLA:CPU compile options for the tests' jits: the programs are tiny, compile time dominates.
+# (Not xla_backend_optimization_level=0: it gives NaN gradients here.)
+FAST_COMPILE = {'xla_cpu_use_fusion_emitters': False, 'xla_llvm_disable_expensive_passes': True}
+
+
+def _compile(fn, *args):
+  """``fn`` jitted and compiled for ``args`` with :data:`FAST_COMPILE`."""
+  return jax.jit(fn).lower(*args).compile(FAST_COMPILE)
+
+
+def _jit(fn, *args):
+  return _compile(fn, *args)(*args)
 
 
 def _x(size, seed=0):
@@ -37,8 +69,31 @@ def _count(tree) -> int:
 
 
 def _init(model, size):
+  """Shapes of ``model``'s variables (nothing runs)."""
   return jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+
+
+def _variables(model, size, seed=0):
+  """Random variables of ``model`` drawn with numpy: XLA:CPU takes ~0.15 s per layer to compile
+  a random init, most of these tests' time otherwise. Factors get orthonormal columns."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name in ('u', 'v'):
+      x = np.linalg.qr(rng.normal(size=shape))[0]
+    elif name == 's':
+      x = np.sort(rng.uniform(0.5, 1.5, shape))[::-1]
+    elif name == 'kernel':
+      x = rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
+    elif name in ('scale', 'var'):
+      x = rng.uniform(0.5, 1.5, shape)
+    else:  # bias, BN shift and running mean
+      x = 0.1 * rng.normal(size=shape)
+    return jax.device_put(x.astype(np.float32))  # jnp.asarray would compile per shape
+
+  return jax.tree_util.tree_map_with_path(draw, _init(model, size))
 
 
 # ------------------------------------------------------------------------ param counts
@@ -90,8 +145,7 @@ def test_svd_param_count_is_r_times_m_plus_n_plus_1(name):
 # ------------------------------------------------------------- one step of every method
 
 
-def _config(name, method):
-  kwargs, size = TINY[name]
+def _config(name, method, kwargs):
   c = default.get_config()
   c.model.name = name
   c.model.kwargs = dict(kwargs)
@@ -99,38 +153,126 @@ def _config(name, method):
   c.model.overrides = 'conv1:dense,head:dense'
   c.model.act = 'relu'
   c.dfa.method = method
+  # SGD: the first step moves params by lr·update exactly (Adam's first step is lr·sign),
+  # so comparing new params compares the updates themselves.
+  c.opt.name = 'sgd'
+  c.opt.lr = 0.1
+  c.opt.clip_norm = 0.0  # a global-norm clip would couple the blocks' steps
   c.opt.warmup_steps = 0
-  return c, size
+  return c
 
 
-@pytest.mark.parametrize('name', ZOO)
-def test_forward_and_one_train_step_per_method(name):
-  x = _x(TINY[name][1])
-  y = jnp.arange(B) % C
-  counts = {}
+def _feedback(config, params, taps, seed):
+  """``train.build_feedback``'s feedback (same layout and ranks), its values drawn with numpy
+  (compiling the random draws, one shape at a time, would cost more than the train step)."""
+  shapes = jax.eval_shape(
+      lambda p: train.build_feedback(config, jax.random.key(0), p, taps, C), params)
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name, shape = path[-1].key, leaf.shape
+    if name in ('p', 'q'):  # [G, n, k], orthonormal columns
+      x = np.linalg.qr(rng.normal(size=shape))[0]
+    elif name == 'sigma':
+      x = np.ones(shape)
+    else:  # dense feedback f [G, d, C]
+      x = rng.normal(size=shape) / np.sqrt(C)
+    return jax.device_put(x.astype(np.float32))  # jnp.asarray would compile per shape
+
+  return fb.Feedback(groups=jax.tree_util.tree_map_with_path(draw, shapes.groups),
+                     index=shapes.index)
+
+
+def _swap_block(feedback, other, name):
+  """``feedback`` with block ``name``'s arrays taken from ``other`` (same layout)."""
+  (gkey, i), = [(g, i) for n, g, i in feedback.index if n == name]
+  groups = dict(feedback.groups)
+  swapped = {}
+  for k, a in groups[gkey].items():
+    a = np.array(a)  # numpy: jnp indexing compiles per shape
+    a[i] = np.asarray(other.groups[gkey][k])[i]
+    swapped[k] = jax.device_put(a)
+  groups[gkey] = swapped
+  return fb.Feedback(groups=groups, index=feedback.index)
+
+
+def _block_keys(params, block):
+  """The top-level param keys of block ``block`` (VGG's ``conv{i}`` and ResNet's stem
+  ``conv1`` keep their BN beside them as ``bn{i}``)."""
+  own = {block, 'bn' + block[4:]} if block.startswith('conv') else {block}
+  return own & set(params)
+
+
+@pytest.mark.parametrize('name', sorted(COMPILED_CASES))
+def test_one_train_step_per_method_and_block_locality(name):
+  """Every method: a forward, one ``train.train_step`` (finite, moves every block and the BN
+  statistics), trainable-param counts. Under dfa and ssa, swapping one block's feedback
+  changes that block's new params and no other block's."""
+  kwargs, size = COMPILED_CASES[name]
+  batch = {'image': _x(size), 'label': jnp.arange(B) % C}
+  states, swapped, cfgs = {}, {}, {}
+  # dfa and ssa build the states (train.create_train_state, with a numpy init); bp and
+  # svd_bp take the same params and optimizer and never read the feedback.
+  source = {'dfa': 'dfa', 'ssa': 'ssa', 'bp': 'dfa', 'svd_bp': 'ssa'}
   for method in train.METHODS:
-    config, size = _config(name, method)
+    config = _config(name, method, kwargs)
+    cfgs[method] = train.StepConfig(method=method, align=config.dfa.align,
+                                    align_weight=config.dfa.align_weight)
+    if method not in train.LOCAL_METHODS:
+      continue
     model = train.build_model(config, C)
     tx, _ = train.build_tx(config, 10)
-    state = train.create_train_state(config, model, tx, (size, size, 3), C, jax.random.key(0))
-    counts[method] = train.param_count(state.params)
-    logits, taps = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, x)
-    assert logits.shape == (B, C) and taps
-    if method in train.LOCAL_METHODS:
-      assert set(state.feedback.names) == set(taps)
-    cfg = train.StepConfig(method=method, align=config.dfa.align,
-                           align_weight=config.dfa.align_weight)
-    new, metrics = jax.jit(functools.partial(train.train_step, cfg=cfg))(
-        state, {'image': x, 'label': y})
-    assert np.isfinite(float(metrics['loss'])), (name, method)
+    v = _variables(model, size)
+    taps = jax.eval_shape(lambda v: model.apply(v, batch['image'])[1], v)  # noqa: B023
+    feedback, other = (_feedback(config, v['params'], taps, seed) for seed in (1, 7))
+    assert set(feedback.names) == set(taps) and 'head' not in taps
+    states[method] = _jit(lambda v, f: train.TrainState.create(  # noqa: B023
+        apply_fn=model.apply, params=v['params'], tx=tx, batch_stats=v['batch_stats'],  # noqa
+        feedback=f), v, feedback)
+    block = SWAP.get(name, 'stage2_block0')
+    swapped[method] = states[method].replace(feedback=_swap_block(feedback, other, block))
+
+  def all_methods(states, batch):
+    out = {m: train.train_step(states[source[m]], batch, cfgs[m]) for m in train.METHODS}
+    fwd = {m: states[m].apply_fn({'params': states[m].params,
+                                  'batch_stats': states[m].batch_stats}, batch['image'])
+           for m in states}
+    return out, fwd
+
+  run = _compile(all_methods, states, batch)  # one compile for the four methods
+  out, fwd = jax.device_get(run(states, batch))  # numpy from here: no more compiles
+  out_swapped, _ = jax.device_get(run(swapped, batch))
+  states = jax.device_get(states)
+
+  for m in states:
+    logits, taps = fwd[m]
+    assert logits.shape == (B, C) and set(taps) == set(states[m].feedback.names)
+  counts = {m: train.param_count(states[source[m]].params) for m in train.METHODS}
+  assert counts['bp'] == counts['dfa'] > counts['svd_bp'] == counts['ssa']
+  for m, (new, metrics) in out.items():
+    state = states[source[m]]
+    assert np.isfinite(float(metrics['loss'])), (name, m)
     assert np.isfinite(float(metrics['update_norm'])) and float(metrics['update_norm']) > 0
-    assert all(np.all(np.isfinite(l)) for l in jax.tree.leaves(new.params))
-    # every top-level block moved, BN statistics too
+    assert all(np.all(np.isfinite(l)) for l in jax.tree.leaves(new.params)), (name, m)
     moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), state.params, new.params)
-    assert all(any(jax.tree.leaves(v)) for v in moved.values()), (name, method, moved)
+    assert all(any(jax.tree.leaves(v)) for v in moved.values()), (name, m, moved)
     assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)),
                                             state.batch_stats, new.batch_stats)))
-  assert counts['bp'] == counts['dfa'] > counts['svd_bp'] == counts['ssa']
+  # locality: swapping one block's feedback changes every leaf of that block's update and
+  # no other block's (bit for bit)
+  block = SWAP.get(name, 'stage2_block0')
+  for m in train.LOCAL_METHODS:
+    new, new_swapped = out[m][0].params, out_swapped[m][0].params
+    own = _block_keys(new, block)
+    for key in new:
+      same = [bool(np.array_equal(a, b)) for a, b in zip(jax.tree.leaves(new[key]),
+                                                        jax.tree.leaves(new_swapped[key]))]
+      if key in own:
+        assert not any(same), (m, key)
+      else:
+        assert all(same), (m, key)
+    if name.startswith('resnet') and name not in ('resnet20', 'resnet32', 'resnet56'):
+      assert 'shortcut' in new[block] and 'shortcut_bn' in new[block]  # trained locally
 
 
 # -------------------------------------------------------------- full-rank SVD == dense
@@ -150,83 +292,42 @@ def _dense_twin(svd_params, dense_params, split):
   return rebuild(svd_params, dense_params)
 
 
-@pytest.mark.parametrize('split', ['spatial', 'channel'])
-@pytest.mark.parametrize('name', ZOO)
-def test_full_rank_svd_model_equals_dense_model(name, split):
-  kwargs, size = TINY[name]
-  x = _x(size, 1)
-  svd = models.build_model(name, num_classes=C, rank=1.0, split=split, **kwargs)
+@pytest.mark.parametrize('name', sorted(COMPILED_CASES))
+def test_full_rank_svd_model_equals_dense_model(name):
+  """At rank 1.0 (spatial and channel split) the forward equals the dense model's with the
+  kernels rebuilt from ``u diag(s) vᵀ`` (same module names; depthwise convs and BN shared)."""
+  kwargs, size = COMPILED_CASES[name]
   dense = models.build_model(name, num_classes=C, **kwargs)
-  v = svd.init(jax.random.key(2), x)
-  dense_params = _dense_twin(v['params'], _init(dense, size)['params'], split)
-  assert _count(models.layer_paths(dense_params)) > 0
-  assert not any(layers.is_svd_layer(l) for l in models.layer_paths(dense_params).values())
-  for train_mode in (False, True):
-    (want, want_taps), _ = dense.apply({'params': dense_params, 'batch_stats': v['batch_stats']},
-                                       x, train=train_mode, mutable=['batch_stats'])
-    (got, got_taps), _ = svd.apply(v, x, train=train_mode, mutable=['batch_stats'])
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    for t in want_taps:
-      np.testing.assert_allclose(got_taps[t], want_taps[t], rtol=1e-4, atol=1e-4)
+  dense_shapes = _init(dense, size)['params']
+  svds = {split: models.build_model(name, num_classes=C, rank=1.0, split=split, **kwargs)
+          for split in ('spatial', 'channel')}
+  vs = {split: _variables(m, size, seed=i) for i, (split, m) in enumerate(svds.items())}
+
+  def both(vs, x):
+    out = {}
+    for split, v in vs.items():
+      dense_params = _dense_twin(v['params'], dense_shapes, split)
+      assert not any(layers.is_svd_layer(l) for l in models.layer_paths(dense_params).values())
+      out[split] = (dense.apply({'params': dense_params, 'batch_stats': v['batch_stats']}, x),
+                    svds[split].apply(v, x))
+    return out
+
+  for split, (want, got) in _jit(both, vs, _x(size, 1)).items():
+    # logits and every tap; residual nets grow activations with depth, so atol follows scale
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(  # noqa: B023
+        a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=split), got, want)
 
 
 # --------------------------------------------------------------------------- locality
 
 
-def _local_updates(model, variables, x, y):
-  def forward(p):
-    out, mutated = model.apply({**variables, 'params': p}, x, train=True, local=True,
-                               mutable=['batch_stats'])
-    return out, mutated['batch_stats']
-  return jax.jit(lambda p, f: dfa.local_grads(forward, p, f, y, align='subspace',
-                                              align_weight=0.1)[0])
-
-
-def _swap_block(feedback, other, name):
-  """``feedback`` with block ``name``'s arrays taken from ``other`` (same layout)."""
-  (gkey, i), = [(g, i) for n, g, i in feedback.index if n == name]
-  groups = dict(feedback.groups)
-  groups[gkey] = {k: a.at[i].set(other.groups[gkey][k][i]) for k, a in groups[gkey].items()}
-  return fb.Feedback(groups=groups, index=feedback.index)
-
-
-@pytest.mark.parametrize('kind', ['dense', 'structured'])
-@pytest.mark.parametrize('name,block,kwargs', [
-    ('resnet20', 'stage2_block0', {}),
-    ('resnet20', 'stage2_block0', {'shortcut': 'conv'}),  # a trained shortcut conv
-    ('resnet50', 'stage3_block0', {}),
-    ('mobilenet_v1', 'block4', {}),
-    ('vgg13', 'conv5', {}),
-])
-def test_no_block_update_depends_on_another_blocks_feedback(name, block, kwargs, kind):
-  tiny, size = TINY[name]
-  model = models.build_model(name, num_classes=C, rank=0.5, split='channel', **tiny, **kwargs)
-  x, y = _x(size), jnp.arange(B) % C
-  variables = model.init(jax.random.key(0), x)
-  taps = jax.eval_shape(lambda v: model.apply(v, x)[1], variables)
-  widths = dfa.tap_widths(taps)
-  feedback = fb.init_feedback(jax.random.key(1), widths, C, kind=kind, ranks=2)
-  other = fb.init_feedback(jax.random.key(7), widths, C, kind=kind, ranks=2)
-  step = _local_updates(model, variables, x, y)
-  base = step(variables['params'], feedback)
-  swapped = step(variables['params'], _swap_block(feedback, other, block))
-  for key in base:
-    same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
-                                        base[key], swapped[key]))
-    if key == block:
-      assert not any(same), key        # every leaf of the block moves with its feedback
-    else:
-      assert all(same), key            # ... and nothing else does
-  if kwargs.get('shortcut') == 'conv':
-    assert 'shortcut' in base[block]
-
-
 def test_dfa_step_computes_no_input_gradient_between_blocks():
-  """ResNet-20: BP differentiates every conv's input but the stem's; DFA only the convs that
-  feed another layer of the same block (each block's conv1 output goes through conv2)."""
-  model = models.build_model('resnet20', num_classes=C, width=0.25)
+  """CIFAR ResNet: BP differentiates every conv's input but the stem's; DFA only the convs
+  that feed another layer of the same block (each block's conv1 output goes through conv2)."""
+  model = models.build_model('resnet20', num_classes=C, width=0.25, stage_sizes=(1, 1),
+                             widths=(16, 32))
   x, y = _x(8), jnp.arange(B) % C
-  variables = model.init(jax.random.key(0), x)
+  variables = _variables(model, 8)
   taps = jax.eval_shape(lambda v: model.apply(v, x)[1], variables)
   feedback = fb.init_feedback(jax.random.key(1), dfa.tap_widths(taps), C, kind='dense')
 
@@ -238,12 +339,13 @@ def test_dfa_step_computes_no_input_gradient_between_blocks():
     return f
 
   def n_convs(fn, *args):
-    return jax.jit(fn).lower(*args).compile().as_text().count('convolution(')
+    return _compile(fn, *args).as_text().count('convolution(')
 
   n_dfa = n_convs(lambda p, f: dfa.local_grads(forward(True), p, f, y)[0],
                   variables['params'], feedback)
   n_bp = n_convs(lambda p: dfa.bp_grads(forward(False), p, y)[0], variables['params'])
-  n_layers, n_blocks = 19, 9
+  n_blocks = 2
+  n_layers = 1 + 2 * n_blocks
   assert n_dfa == 2 * n_layers + n_blocks, n_dfa       # forward, weight grads, conv2 -> conv1
   assert n_bp == 2 * n_layers + (n_layers - 1), n_bp   # ... and every input gradient
 
@@ -307,5 +409,36 @@ def test_bad_model_arguments_fail_clearly():
 
 def test_max_pool_3x3_s2_equals_nn_max_pool():
   x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
-  want = nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
-  np.testing.assert_array_equal(models.max_pool_3x3_s2(x), want)
+  got, want = jax.jit(lambda x: (models.max_pool_3x3_s2(x),
+                                 nn.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))))(x)
+  np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------- configs, param counts
+
+ZOO_CONFIGS = [f'{m}_{d}' for m in ('vgg13', 'resnet20', 'resnet32', 'resnet56', 'mobilenet_v1')
+               for d in ('cifar10', 'cifar100')] + ['resnet18_imagenet', 'resnet50_imagenet']
+
+
+@pytest.mark.parametrize('name', ZOO_CONFIGS)
+def test_zoo_configs_build_every_method(name):
+  module = importlib.import_module(f'configs.{name}')
+  model_name, dataset = name.rsplit('_', 1)
+  for arg in ('', 'smoke'):
+    c = module.get_config(arg)
+    assert c.model.name == model_name and c.data.name.startswith(dataset)
+    assert (c.data.source == 'synthetic') == (arg == 'smoke')
+    train.check_config(c, 1)
+  c.dfa.method = 'ssa'  # builds the factored model; layer names do not depend on the input size
+  params = _init(train.build_model(c, train._dataset_info(c)['num_classes']), 32)['params']
+  assert models.unmatched_overrides(params, train.parse_overrides(c.model.overrides)) == []
+  assert any(layers.is_svd_layer(l) for l in models.layer_paths(params).values())
+
+
+def test_param_counts_command_lists_dense_and_svd_counts():
+  from experiments import param_counts
+  out = param_counts.table(['resnet20_cifar10', 'configs/resnet18_imagenet.py'])
+  rows = out.splitlines()
+  assert len(rows) == 4
+  assert '| resnet20 | `resnet20_cifar10` | 32×32, 10 | 269,722 | 77,506 | 0.29 |' in rows[2]
+  assert '| resnet18 | `configs/resnet18_imagenet.py` | 224×224, 1000 | 11,689,512 |' in rows[3]

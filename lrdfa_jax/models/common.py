@@ -14,7 +14,7 @@ block ``scoped(conv, block_name)``, so a :func:`layer_factory` sees the qualifie
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -68,9 +68,6 @@ def global_avg_pool(x: Array) -> Array:
 def block_input(x: Array, local: bool) -> Array:
   """A block's input: cut from the graph under the local update, so nothing crosses blocks."""
   return jax.lax.stop_gradient(x) if local else x
-
-
-_block_input = block_input  # the name models.py used
 
 
 def same_pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -43,7 +43,7 @@ class DepthwiseSeparable(nn.Module):
 
 
 class MobileNetV1(nn.Module):
-  """MobileNetV1; ``width`` is the paper's multiplier α; ``stem='cifar'`` keeps 32×32 at stride 1."""
+  """MobileNetV1; ``width`` is the paper's multiplier α; ``stem='cifar'`` has stride 1."""
   num_classes: int = 10
   blocks: Sequence[tuple[int, int]] = MOBILENET_V1_BLOCKS
   stem: str = 'cifar'

@@ -73,7 +73,7 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-  """``conv1 1×1 → conv2 3×3/s → conv3 1×1 (4× wide)``, each with BN, plus the shortcut, then act."""
+  """``conv1 1×1 → conv2 3×3/s → conv3 1×1 (4× wide)``, each with BN, + shortcut, then act."""
   features: int
   stride: int = 1
   shortcut: str = 'conv'
