@@ -73,6 +73,22 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   return c
 
 
+def zoo_cifar(name: str, **kwargs) -> ml_collections.ConfigDict:
+  """The shared CIFAR-10 recipe of the model-zoo configs (ReLU + BN nets, 100 epochs)."""
+  c = get_config()
+  c.model.name = name
+  c.model.act = 'relu'       # the architectures' own; BN keeps ReLU stable under DFA here
+  c.model.rank = 0.25
+  c.model.overrides = 'conv1:dense,head:dense'  # fnmatch patterns on layer paths, last wins
+  c.model.kwargs = ml_collections.ConfigDict(kwargs)
+  c.data.name = 'cifar10'
+  c.data.source = 'offline'
+  c.opt.lr = 1e-3
+  c.opt.warmup_steps = 500
+  c.train.epochs = 100
+  return c
+
+
 def apply_arg(c: ml_collections.ConfigDict, arg: str) -> None:
   """Config-file arguments, comma separated: ``smoke``."""
   for a in filter(None, arg.split(',')):

@@ -17,19 +17,9 @@ from configs import default
 
 
 def get_config(arg: str = ''):
-  c = default.get_config()
-  c.model.name = 'mobilenet_v1'
-  c.model.act = 'relu'
-  c.model.rank = 0.25
-  c.model.overrides = 'conv1:dense,head:dense'  # e.g. 'block1[23]/pw:0.5' (blocks 12, 13)
-  c.model.kwargs = ml_collections.ConfigDict()
-  c.model.kwargs.width = 1.0       # the paper's width multiplier α
-  c.model.kwargs.stem = 'cifar'    # cifar (3×3/1 stem) | imagenet (3×3/2 stem)
-  c.data.name = 'cifar10'
-  c.data.source = 'offline'
-  c.opt.lr = 1e-3
-  c.opt.warmup_steps = 500
-  c.train.epochs = 100
+  # overrides example: 'block1[23]/pw:0.5' (blocks 12, 13); kwargs: width = the paper's
+  # multiplier α, stem = cifar (3×3/1) | imagenet (3×3/2)
+  c = default.zoo_cifar('mobilenet_v1', width=1.0, stem='cifar')
   if arg:
     default.apply_arg(c, arg)
   return c

@@ -21,20 +21,9 @@ from configs import default
 
 
 def get_config(arg: str = ''):
-  c = default.get_config()
-  c.model.name = 'resnet20'
-  c.model.act = 'relu'       # the architecture's own; BN keeps ReLU stable under DFA here
-  c.model.rank = 0.25
-  # fnmatch patterns on layer paths, last match wins: 'stage3*:0.5', 'stage1_block0:dense'
-  c.model.overrides = 'conv1:dense,head:dense'
-  c.model.kwargs = ml_collections.ConfigDict()
-  c.model.kwargs.width = 1.0       # channel multiplier (2.0: ResNet-20×2)
-  c.model.kwargs.shortcut = 'pad'  # pad (option A, parameter free) | conv (option B: 1×1 conv + BN)
-  c.data.name = 'cifar10'
-  c.data.source = 'offline'
-  c.opt.lr = 1e-3
-  c.opt.warmup_steps = 500
-  c.train.epochs = 100
+  # overrides example: 'stage3*:0.5', 'stage1_block0:dense'; kwargs: width = channel
+  # multiplier (2.0: ResNet-20×2), shortcut = pad (option A) | conv (option B: 1×1 conv + BN)
+  c = default.zoo_cifar('resnet20', width=1.0, shortcut='pad')
   if arg:
     default.apply_arg(c, arg)
   return c

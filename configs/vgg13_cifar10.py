@@ -17,19 +17,9 @@ from configs import default
 
 
 def get_config(arg: str = ''):
-  c = default.get_config()
-  c.model.name = 'vgg13'
-  c.model.act = 'relu'
-  c.model.rank = 0.25
-  c.model.overrides = 'conv1:dense,head:dense'  # fnmatch patterns, e.g. 'conv1?:0.5' (conv10)
-  c.model.kwargs = ml_collections.ConfigDict()
-  c.model.kwargs.width = 1.0       # channel multiplier
-  c.model.kwargs.hidden = ()       # hidden FC widths before the head (e.g. (512, 512))
-  c.data.name = 'cifar10'
-  c.data.source = 'offline'
-  c.opt.lr = 1e-3
-  c.opt.warmup_steps = 500
-  c.train.epochs = 100
+  # overrides example: 'conv1?:0.5' (conv10); kwargs: width = channel multiplier,
+  # hidden = FC widths before the head (e.g. (512, 512))
+  c = default.zoo_cifar('vgg13', width=1.0, hidden=())
   if arg:
     default.apply_arg(c, arg)
   return c
