@@ -24,6 +24,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   d.cache_dir = ml_collections.config_dict.placeholder(str)  # None: $LRDFA_CACHE_DIR or ~/.cache
   d.augment = True           # pad-4 random crop + horizontal flip
   d.validation_size = 0      # hold out this many train images (fixed split) for tuning
+  d.image_size = 0           # imagenet2012 crop size (0: 224); CIFAR keeps 32
+  d.workers = 16             # threads decoding streamed (imagenet2012) records
   d.synthetic = s = ml_collections.ConfigDict()  # used when source == 'synthetic'
   s.num_train = 512
   s.num_test = 128

@@ -1,8 +1,8 @@
 """ResNet-18 (torchvision layout: 7×7/2 stem + 3×3/2 max-pool, 4 stages of basic blocks,
 1×1/2 projection shortcuts) on ImageNet-2012, trained with SSA.
 
-The training loop does not stream ImageNet yet (see README); this config builds, counts
-parameters and runs its smoke test (synthetic 64×64 images, 1000 classes).
+The model fields spelled out on top of configs/imagenet.py (which already trains ResNet-18),
+as the base for variants. Smoke: synthetic 64×64 images, 1000 classes.
 
 Run card:
   data:     place the ILSVRC2012 archives in DIR/downloads/manual, then

@@ -16,36 +16,14 @@ import os
 
 from absl import app, flags
 
-from configs import cifar10
 from experiments import report
+from experiments.variants import VARIANTS, config_for
 from lrdfa_jax import train
 
 _RUNDIR = flags.DEFINE_string('rundir', 'runs/protocol', 'Where the runs live.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds for bp and ssa.')
 _EPOCHS = flags.DEFINE_integer('epochs', 10, 'Epochs for every run.')
 _ONLY = flags.DEFINE_list('only', None, 'Run only these variants (names below).')
-
-# variant name -> (config overrides, all seeds?)
-VARIANTS = {
-    'bp': ({'dfa.method': 'bp'}, True),
-    'ssa': ({'dfa.method': 'ssa'}, True),
-    'svd_bp': ({'dfa.method': 'svd_bp'}, False),
-    'dfa': ({'dfa.method': 'dfa'}, False),
-    'ssa_noalign': ({'dfa.method': 'ssa', 'dfa.align': 'none'}, False),
-    'ssa_noorth': ({'dfa.method': 'ssa', 'dfa.orth_weight': 0.0}, False),
-}
-
-
-def config_for(variant: str, seed: int, epochs: int):
-  c = cifar10.get_config()
-  for key, value in VARIANTS[variant][0].items():
-    section, field = key.split('.')
-    c[section][field] = value
-  c.train.seed = seed
-  c.train.epochs = epochs
-  c.train.progress_bar = False
-  return c
-
 
 def main(argv):
   del argv

@@ -4,7 +4,9 @@ Every loader returns ``{'train': (images_NHWC, labels_N), 'test': (images_NHWC, 
 with ``uint8`` images and ``int32`` labels (``load_tfds('imagenet2012')`` returns lazy
 sources instead, see there). Batching is plain numpy on the host: ``train_batches``
 shuffles with ``np.random.default_rng((seed, epoch))``, augments and normalises;
-``eval_batches`` pads the last batch and marks it with ``'mask'``. No JAX in here.
+``eval_batches`` pads the last batch and marks it with ``'mask'``. Both also take a lazy
+random-access source (``labels=None``): records are decoded per batch in a thread pool,
+train images get the inception crop + flip, eval images resize + centre crop. No JAX in here.
 
 Environment variables: ``LRDFA_DATA_DIR`` (root holding ``cifar10/`` etc.),
 ``LRDFA_CACHE_DIR`` (where decoded arrays are cached as ``.npy``).
@@ -21,6 +23,7 @@ import pathlib
 import queue
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -389,19 +392,56 @@ def _local_size(batch_size: int, process_index: int, process_count: int) -> int:
 
 
 def _check_pair(images, labels) -> None:
+  if labels is None:
+    if isinstance(images, np.ndarray) or not hasattr(images, '__getitem__'):
+      raise ValueError('labels=None means a lazy random-access source of {image, label} '
+                       f'records; got {type(images).__name__}. Pass labels with arrays.')
+    return
   if len(images) != len(labels):
     raise ValueError(f'{len(images)} images but {len(labels)} labels.')
 
 
-def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int,
+class Subset:
+  """Some records of a random-access source, e.g. a held-out slice of a lazy train split."""
+
+  def __init__(self, source, indices):
+    self.source, self.indices = source, np.asarray(indices)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i):
+    return self.source[int(self.indices[i])]
+
+
+def _decode_batch(pool: ThreadPoolExecutor, source, indices, transform) -> tuple:
+  """Reads and transforms records in the pool: (uint8 NHWC images, int32 labels)."""
+  def one(pos_index):
+    pos, index = pos_index
+    record = source[int(index)]
+    image = np.asarray(record['image'])
+    if image.ndim == 2:  # grayscale JPEGs
+      image = np.repeat(image[:, :, None], 3, axis=2)
+    return transform(pos, image), record['label']
+  out = list(pool.map(one, enumerate(indices)))
+  return (np.stack([o[0] for o in out]).astype(np.uint8),
+          np.asarray([o[1] for o in out], np.int32))
+
+
+def train_batches(images, labels: np.ndarray | None, *, batch_size: int, seed: int,
                   epoch: int, augment: bool = True, mean, std, process_index: int = 0,
-                  process_count: int = 1, start_batch: int = 0) -> Iterator[dict]:
+                  process_count: int = 1, start_batch: int = 0, image_size: int = 224,
+                  workers: int = 16) -> Iterator[dict]:
   """One shuffled epoch of ``{'image': f32 NHWC normalised, 'label': i32}`` batches.
 
   ``batch_size`` is global; this process gets its contiguous ``batch_size /
   process_count`` slice of each. Order from ``default_rng((seed, epoch))``, remainder
   dropped. Crops/flips are drawn per global batch from ``(seed, epoch, batch index)``,
   so they do not depend on ``start_batch`` (resume) or ``process_count``.
+
+  With ``labels=None``, ``images`` is a lazy source (``len`` and ``source[i] -> {'image',
+  'label'}``): each record is decoded in a pool of ``workers`` threads and given the
+  inception crop + flip (``augment``) or resize + centre crop, to ``image_size``.
   """
   _check_pair(images, labels)
   local = _local_size(batch_size, process_index, process_count)
@@ -412,8 +452,27 @@ def train_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, se
   if not 0 <= start_batch <= num_batches:
     raise ValueError(f'start_batch {start_batch} not in [0, {num_batches}] (batches per '
                      'epoch).')
+  if labels is None:
+    return _source_train_batches(images, batch_size, seed, epoch, augment, mean, std,
+                                 process_index * local, local, start_batch, num_batches,
+                                 image_size, workers)
   return _train_batches(images, labels, batch_size, seed, epoch, augment, mean, std,
                         process_index * local, local, start_batch, num_batches)
+
+
+def _source_train_batches(source, batch_size, seed, epoch, augment, mean, std, lo, local,
+                          start_batch, num_batches, size, workers):
+  perm = np.random.default_rng((seed, epoch)).permutation(len(source))
+  with ThreadPoolExecutor(workers) as pool:
+    for b in range(start_batch, num_batches):
+      def transform(pos, image, b=b):  # per example, from its global position in the batch
+        if not augment:
+          return resize_center_crop(image, size)
+        return augment_inception(image, np.random.default_rng((seed, epoch, _AUG_TAG, b,
+                                                               lo + pos)), size)
+      idx = perm[b * batch_size:(b + 1) * batch_size][lo:lo + local]
+      batch_images, batch_labels = _decode_batch(pool, source, idx, transform)
+      yield {'image': normalize(batch_images, mean, std), 'label': batch_labels}
 
 
 def _train_batches(images, labels, batch_size, seed, epoch, augment, mean, std, lo, local,
@@ -430,16 +489,38 @@ def _train_batches(images, labels, batch_size, seed, epoch, augment, mean, std, 
            'label': np.asarray(labels[idx], np.int32)}
 
 
-def eval_batches(images: np.ndarray, labels: np.ndarray, *, batch_size: int, mean, std,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+def eval_batches(images, labels: np.ndarray | None, *, batch_size: int, mean, std,
+                 process_index: int = 0, process_count: int = 1, image_size: int = 224,
+                 workers: int = 16) -> Iterator[dict]:
   """Every example once, in order, as ``{'image', 'label', 'mask'}`` batches.
 
   The last global batch is padded (zero image after normalisation, label 0, mask 0);
-  every process yields the same number of batches.
+  every process yields the same number of batches. ``labels=None``: ``images`` is a lazy
+  source, resized and centre-cropped to ``image_size`` (see ``train_batches``).
   """
   _check_pair(images, labels)
   local = _local_size(batch_size, process_index, process_count)
+  if labels is None:
+    return _source_eval_batches(images, batch_size, mean, std, process_index * local, local,
+                                image_size, workers)
   return _eval_batches(images, labels, batch_size, mean, std, process_index * local, local)
+
+
+def _source_eval_batches(source, batch_size, mean, std, lo, local, size, workers):
+  num = len(source)
+  with ThreadPoolExecutor(workers) as pool:
+    for start in range(0, num, batch_size):
+      begin, end = min(start + lo, num), min(start + lo + local, num)
+      image = np.zeros((local, size, size, 3), np.float32)
+      label = np.zeros((local,), np.int32)
+      mask = np.zeros((local,), np.float32)
+      if end > begin:
+        images, labels = _decode_batch(pool, source, range(begin, end),
+                                       lambda pos, im: resize_center_crop(im, size))
+        image[:end - begin] = normalize(images, mean, std)
+        label[:end - begin] = labels
+        mask[:end - begin] = 1.0
+      yield {'image': image, 'label': label, 'mask': mask}
 
 
 def _eval_batches(images, labels, batch_size, mean, std, lo, local):

@@ -30,6 +30,7 @@ from lrdfa_jax import dfa, feedback as fb, layers, losses, models, optim
 METHODS = ('bp', 'svd_bp', 'dfa', 'ssa')
 LOCAL_METHODS = ('dfa', 'ssa')
 FACTORED_METHODS = ('svd_bp', 'ssa')
+LAZY_DATASETS = ('imagenet2012',)  # streamed from tfds sources, decoded per batch
 
 
 class TrainState(train_state.TrainState):
@@ -269,25 +270,37 @@ def _dataset_info(config) -> dict[str, Any]:
   if d.name not in data_lib.DATASETS:
     raise ConfigError(f'unknown data.name {d.name!r}; choose one of '
                       f'{", ".join(sorted(data_lib.DATASETS))}.')
-  return data_lib.DATASETS[d.name]
+  info = dict(data_lib.DATASETS[d.name])
+  if d.get('image_size'):
+    if d.name not in LAZY_DATASETS:
+      raise ConfigError(f'data.image_size applies to {", ".join(LAZY_DATASETS)} (images are '
+                        f'resized there); {d.name} keeps {info["image_shape"][:2]}. Leave it 0.')
+    info['image_shape'] = (d.image_size, d.image_size, 3)
+  return info
 
 
-def load_data(config) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-  """Train/test arrays, plus a ``'validation'`` slice held out of train when asked for."""
+def load_data(config) -> dict[str, tuple[Any, np.ndarray | None]]:
+  """Train/test ``(images, labels)``, plus a ``'validation'`` slice held out of train when
+  asked for. Lazy sources (ImageNet) come as ``(source, None)``; see data.train_batches."""
   d = config.data
   extra = dict(d.synthetic.to_dict()) if d.source == 'synthetic' else {}
   if 'image_shape' in extra:
     extra['image_shape'] = tuple(extra['image_shape'])
   splits = data_lib.load(d.source, d.name, data_dir=d.data_dir, cache_dir=d.cache_dir, **extra)
-  if not isinstance(splits['train'][0], np.ndarray):
-    raise ConfigError(f'{d.name} comes as a lazily decoded source; the training loop takes '
-                      'in-memory arrays (CIFAR-10/100) in this version.')
+  splits = {k: (v, None) if not isinstance(v, tuple) else v for k, v in splits.items()}
   if d.validation_size:
     images, labels = splits['train']
-    order = np.random.default_rng(0).permutation(len(labels))  # fixed split, seed-independent
+    if d.validation_size >= len(images):
+      raise ConfigError(f'data.validation_size={d.validation_size} leaves no training images '
+                        f'out of {len(images)}.')
+    order = np.random.default_rng(0).permutation(len(images))  # fixed split, seed-independent
     val, keep = order[:d.validation_size], np.sort(order[d.validation_size:])
-    splits = {**splits, 'train': (images[keep], labels[keep]),
-              'validation': (images[val], labels[val])}
+    if labels is None:
+      splits['train'] = (data_lib.Subset(images, keep), None)
+      splits['validation'] = (data_lib.Subset(images, np.sort(val)), None)
+    else:
+      splits['train'] = (images[keep], labels[keep])
+      splits['validation'] = (images[val], labels[val])
   return splits
 
 
@@ -297,12 +310,14 @@ def _machine() -> str:
   return f'{jax.device_count()}x {kind} ({platform.machine()}, {os.cpu_count()} CPUs)'
 
 
-def evaluate(eval_fn, state, images, labels, *, batch_size, info, mesh) -> dict[str, float]:
+def evaluate(eval_fn, state, images, labels, *, batch_size, info, mesh,
+             workers: int = 16) -> dict[str, float]:
   """Top-1/top-5 accuracy (percent) and mean loss over every example."""
   totals = None
   for batch in data_lib.eval_batches(images, labels, batch_size=batch_size, mean=info['mean'],
                                      std=info['std'], process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
+                                     process_count=jax.process_count(),
+                                     image_size=info['image_shape'][0], workers=workers):
     out = eval_fn(state, shard_batch(batch, mesh))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
@@ -387,9 +402,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   splits = load_data(config)
   images, labels = splits['train']
   tc = config.train
-  steps_per_epoch = data_lib.num_train_batches(len(labels), tc.batch_size)
+  steps_per_epoch = data_lib.num_train_batches(len(images), tc.batch_size)
   if steps_per_epoch == 0:
-    raise ConfigError(f'train.batch_size={tc.batch_size} exceeds the {len(labels)} training '
+    raise ConfigError(f'train.batch_size={tc.batch_size} exceeds the {len(images)} training '
                       'examples.')
   total_steps = tc.epochs * steps_per_epoch
   model = build_model(config, info['num_classes'])
@@ -420,6 +435,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   bar = tqdm(total=end_step, initial=step, desc=f'{config.model.name}/{cfg.method}',
              disable=not tc.progress_bar, dynamic_ncols=True)
   test_metrics: dict[str, float] = {}
+  val_metrics: dict[str, float] = {}
   last_log, t_log = step, time.time()
   try:
     while step < end_step:
@@ -429,7 +445,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
           images, labels, batch_size=tc.batch_size, seed=tc.seed, epoch=epoch,
           augment=config.data.augment, mean=info['mean'], std=info['std'],
           process_index=jax.process_index(), process_count=jax.process_count(),
-          start_batch=start_batch)) as batches:
+          start_batch=start_batch, image_size=info['image_shape'][0],
+          workers=config.data.workers)) as batches:
         for batch in itertools.islice(batches, epoch_end - step):
           batch = shard_batch(batch, mesh)
           if tc.angle_every and cfg.method in LOCAL_METHODS and step % tc.angle_every == 0:
@@ -449,12 +466,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       if (epoch_done and n_epoch % tc.eval_every_epochs == 0) or step == end_step:
         for split in [s for s in ('validation', 'test') if s in splits]:
           res = evaluate(eval_fn, state, *splits[split], batch_size=tc.batch_size, info=info,
-                         mesh=mesh)
+                         mesh=mesh, workers=config.data.workers)
           writer.write(step, {f'{split}/{k}': v for k, v in res.items()})
           tqdm.write(f'epoch {step / steps_per_epoch:.2f} step {step}: {split} accuracy '
                      f'{res["accuracy"]:.2f}% loss {res["loss"]:.4f}')
           if split == 'test':
             test_metrics = res
+          else:
+            val_metrics = res
       if mngr is not None and ((epoch_done and n_epoch % tc.checkpoint_every_epochs == 0)
                                or step == end_step):
         if not _all_finite(state.params):
@@ -462,7 +481,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         _save(mngr, state)
     if not test_metrics and 'test' in splits:  # e.g. a rerun of a finished run
       test_metrics = evaluate(eval_fn, state, *splits['test'], batch_size=tc.batch_size,
-                              info=info, mesh=mesh)
+                              info=info, mesh=mesh, workers=config.data.workers)
+    if not val_metrics and 'validation' in splits:
+      val_metrics = evaluate(eval_fn, state, *splits['validation'], batch_size=tc.batch_size,
+                             info=info, mesh=mesh, workers=config.data.workers)
   finally:
     bar.close()
     if mngr is not None:
@@ -474,7 +496,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       'model': config.model.name, 'dataset': config.data.name, 'source': config.data.source,
       'method': cfg.method, 'seed': tc.seed, 'step': step, 'epochs': step / steps_per_epoch,
       'final_test_accuracy': test_metrics.get('accuracy'), 'final_test_top5': test_metrics.get('top5'),
-      'final_test_loss': test_metrics.get('loss'), 'trainable_params': n_params,
+      'final_test_loss': test_metrics.get('loss'),
+      'final_validation_accuracy': val_metrics.get('accuracy'),
+      'final_validation_loss': val_metrics.get('loss'), 'trainable_params': n_params,
       'wall_time_s': time.time() - t_start, 'machine': _machine(),
       'config': json.loads(config.to_json_best_effort()),
   }

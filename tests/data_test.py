@@ -382,6 +382,76 @@ def test_eval_batches_cover_once_with_mask():
       np.testing.assert_array_equal(np.concatenate([p[k][key] for p in parts]), b[key])
 
 
+class _FakeSource:
+  """A lazy random-access source: records of varied sizes (one grayscale), label = index."""
+
+  def __init__(self, num):
+    rng = np.random.default_rng(1)
+    self.records = []
+    for i in range(num):
+      shape = (int(rng.integers(20, 48)), int(rng.integers(20, 48))) + (() if i == 3 else (3,))
+      self.records.append({'image': rng.integers(0, 256, shape, dtype=np.uint8), 'label': i})
+    self.reads = 0
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    self.reads += 1
+    return self.records[i]
+
+
+def test_lazy_source_train_batches():
+  src = _FakeSource(21)
+  kw = dict(batch_size=8, seed=3, epoch=1, mean=MEAN, std=STD, image_size=16, workers=3)
+  batches = list(data.train_batches(src, None, **kw))
+  assert len(batches) == 2 and src.reads == 16  # remainder dropped, nothing read twice
+  for b in batches:
+    assert b['image'].shape == (8, 16, 16, 3) and b['image'].dtype == np.float32
+    assert b['label'].dtype == np.int32
+  perm = np.random.default_rng((3, 1)).permutation(21)  # the same order as for arrays
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]), perm[:16])
+  again = list(data.train_batches(src, None, **kw))
+  np.testing.assert_array_equal(again[1]['image'], batches[1]['image'])
+  other = list(data.train_batches(src, None, **{**kw, 'epoch': 2}))
+  assert not np.array_equal(other[0]['label'], batches[0]['label'])
+  # process slices and resume see the same crops as the global batch
+  parts = [list(data.train_batches(src, None, process_index=i, process_count=2, **kw))
+           for i in range(2)]
+  for k in range(2):
+    np.testing.assert_array_equal(np.concatenate([p[k]['image'] for p in parts]),
+                                  batches[k]['image'])
+  resumed = list(data.train_batches(src, None, start_batch=1, **kw))
+  np.testing.assert_array_equal(resumed[0]['image'], batches[1]['image'])
+  # no augmentation: exactly the eval transform
+  plain = next(data.train_batches(src, None, **{**kw, 'augment': False}))
+  first = src.records[int(perm[0])]['image']
+  want = data.normalize(data.resize_center_crop(first, 16), MEAN, STD)
+  np.testing.assert_allclose(plain['image'][0], want, atol=1e-6)
+  with pytest.raises(ValueError, match='lazy random-access source'):
+    list(data.train_batches(np.zeros((8, 4, 4, 3), np.uint8), None, **kw))
+
+
+def test_lazy_source_eval_batches_cover_once():
+  src = _FakeSource(10)
+  kw = dict(batch_size=4, mean=MEAN, std=STD, image_size=12, workers=2)
+  batches = list(data.eval_batches(src, None, **kw))
+  assert len(batches) == 3 and all(b['image'].shape == (4, 12, 12, 3) for b in batches)
+  mask = np.concatenate([b['mask'] for b in batches])
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches])[mask == 1],
+                                np.arange(10))
+  assert mask.sum() == 10 and (batches[-1]['image'][2:] == 0).all()
+  gray = data.normalize(data.resize_center_crop(np.repeat(src.records[3]['image'][..., None], 3,
+                                                          axis=2), 12), MEAN, STD)
+  np.testing.assert_allclose(batches[0]['image'][3], gray, atol=1e-6)
+  parts = [list(data.eval_batches(src, None, process_index=i, process_count=2, **kw))
+           for i in range(2)]
+  for k, b in enumerate(batches):
+    np.testing.assert_array_equal(np.concatenate([p[k]['image'] for p in parts]), b['image'])
+  sub = data.Subset(src, [7, 2])
+  assert len(sub) == 2 and sub[1]['label'] == 2
+
+
 # ----------------------------------------------------------------------------- prefetch
 
 

@@ -119,6 +119,29 @@ def test_end_to_end_checkpoint_resume_and_interruption(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, (sa.params, sa.opt_state), (s2.params, s2.opt_state))
 
 
+def test_streams_imagenet_from_tfds_source(tmp_path):
+  """imagenet2012 is read lazily (mocked tfds source): train, held-out slice, top-5, resume."""
+  tfds = pytest.importorskip('tensorflow_datasets')
+  pytest.importorskip('PIL')
+  c = tiny_config('ssa', data__source='tfds', data__name='imagenet2012', data__image_size=16,
+                  data__validation_size=4, data__workers=2, train__batch_size=4,
+                  train__epochs=1, train__angle_every=2)
+  workdir = str(tmp_path / 'in1k')
+  first = c.copy_and_resolve_references()
+  first.train.stop_after_steps = 1
+  with tfds.testing.mock_data(num_examples=12):  # 12 records per split, random sizes
+    part = train.train_and_evaluate(first, workdir)
+    s = train.train_and_evaluate(c, workdir)  # resumes mid-epoch from the checkpoint
+  assert part['step'] == 1 and s['step'] == 2  # (12 - 4 held out) / 4 steps per epoch
+  assert s['trainable_params'] > 0 and 0 <= s['final_test_accuracy'] <= 100
+  assert s['final_validation_accuracy'] is not None and s['final_test_top5'] >= s['final_test_accuracy']
+  metrics = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert any('test/top5' in m for m in metrics) and any('validation/accuracy' in m for m in metrics)
+  assert any(k.startswith('angle/') for m in metrics for k in m)
+  with pytest.raises(train.ConfigError, match='image_size applies to'):
+    train._dataset_info(tiny_config(data__source='offline', data__image_size=64))
+
+
 def test_nan_stops_and_keeps_last_checkpoint(tmp_path):
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(tiny_config(train__epochs=1), workdir)

@@ -1,0 +1,137 @@
+"""Learning-rate tuning and probes on a held-out slice of the CIFAR-10 training set.
+
+  python -m experiments.tune --variants=bp,svd_bp,dfa,ssa --lrs=3e-4,1e-3,3e-3
+  python -m experiments.tune --variants=ssa --lrs=1e-3 --set=model.rank=0.5 --tag=rank0.5
+
+Every run is configs/cifar10.py with the variant's fields (experiments/variants.py),
+``--set`` overrides, ``data.validation_size`` images held out of the training set (a fixed
+split), ``--epochs`` epochs and seed 0. The score is the final accuracy on the held-out slice;
+the test set is evaluated too (it is in every run's summary) but never used for a choice.
+Every variant gets the same grid and epochs, so the same budget. Results merge into ``--out``
+(JSON), which records every run and the best learning rate per (variant, tag);
+experiments.protocol reads the choice from there.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+
+from absl import app, flags
+
+from experiments.variants import config_for
+from lrdfa_jax import train
+
+_RUNDIR = flags.DEFINE_string('rundir', 'runs/tune', 'Where the runs live.')
+_VARIANTS = flags.DEFINE_list('variants', ['bp', 'svd_bp', 'dfa', 'ssa'],
+                              'Variants of experiments/variants.py.')
+_LRS = flags.DEFINE_list('lrs', ['3e-4', '1e-3', '3e-3'], 'Learning-rate grid.')
+_EPOCHS = flags.DEFINE_integer('epochs', 3, 'Epochs per run.')
+_VAL = flags.DEFINE_integer('validation_size', 5000, 'Images held out of the training set.')
+_SET = flags.DEFINE_list('set', [], 'Extra overrides, section.field=value.')
+_TAG = flags.DEFINE_string('tag', '', 'Names the --set probe in run dirs and the JSON.')
+_OUT = flags.DEFINE_string('out', 'results/cifar10_small_conv/tuning.json', 'Results JSON.')
+
+
+def parse_set(items: list[str]) -> dict[str, object]:
+  out = {}
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not sep or key.count('.') != 1:
+      raise ValueError(f'--set {item!r}: expected section.field=value.')
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def run_name(variant: str, lr: float, tag: str) -> str:
+  return f'{variant}{"_" + tag if tag else ""}_lr{lr:g}'
+
+
+def best(runs: list[dict]) -> dict[str, dict]:
+  """(variant, tag) -> the run with the highest final validation accuracy."""
+  out: dict[str, dict] = {}
+  for r in runs:
+    key = r['variant'] + (f'/{r["tag"]}' if r['tag'] else '')
+    if key not in out or r['validation_accuracy'] > out[key]['validation_accuracy']:
+      out[key] = r
+  return {k: {'lr': v['lr'], 'validation_accuracy': v['validation_accuracy']}
+          for k, v in sorted(out.items())}
+
+
+def chosen_lr(path: str, variant: str) -> float | None:
+  """The tuned learning rate for a protocol variant (ablations use their base method's)."""
+  if not path or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    choice = json.load(f)['best']
+  for key in (variant, variant.split('_no')[0]):
+    if key in choice:
+      return choice[key]['lr']
+  return None
+
+
+def markdown(doc: dict) -> str:
+  lines = [f'Held-out tuning: {doc["validation_size"]} training images held out, '
+           f'{doc["epochs"]} epochs per run, seed 0 (`python -m experiments.tune`).', '',
+           '| variant | probe | lr | held-out acc % | test acc % | wall s |',
+           '|---|---|---|---|---|---|']
+  for r in sorted(doc['runs'], key=lambda r: (r['variant'], r['tag'], r['lr'])):
+    lines.append(f'| {r["variant"]} | {r["tag"] or "–"} | {r["lr"]:g} | '
+                 f'{r["validation_accuracy"]:.2f} | {r["test_accuracy"]:.2f} | '
+                 f'{r["wall_time_s"]:.0f} |')
+  lines += ['', '| variant/probe | chosen lr | held-out acc % |', '|---|---|---|']
+  lines += [f'| {k} | {v["lr"]:g} | {v["validation_accuracy"]:.2f} |'
+            for k, v in doc['best'].items()]
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+  del argv
+  overrides = parse_set(_SET.value)
+  if overrides and not _TAG.value:
+    raise app.UsageError('--set needs a --tag to name the probe.')
+  doc = {'runs': []}
+  if os.path.exists(_OUT.value):
+    with open(_OUT.value) as f:
+      doc = json.load(f)
+  doc.update(epochs=_EPOCHS.value, validation_size=_VAL.value)
+  for variant in _VARIANTS.value:
+    for lr in (float(x) for x in _LRS.value):
+      c = config_for(variant, seed=0, epochs=_EPOCHS.value)
+      c.opt.lr = lr
+      c.data.validation_size = _VAL.value
+      for key, value in overrides.items():
+        section, field = key.split('.')
+        c[section][field] = value
+      name = run_name(variant, lr, _TAG.value)
+      workdir = os.path.join(_RUNDIR.value, name)
+      done = os.path.join(workdir, 'summary.json')
+      if os.path.exists(done):
+        with open(done) as f:
+          s = json.load(f)
+      else:
+        s = train.train_and_evaluate(c, workdir)
+      print(f'{name}: held-out {s["final_validation_accuracy"]:.2f}%')
+      if os.path.exists(_OUT.value):  # merge with runs other invocations wrote meanwhile
+        with open(_OUT.value) as f:
+          doc['runs'] = json.load(f)['runs']
+      runs = doc['runs']
+      runs = [r for r in runs if r['name'] != name] + [{
+          'name': name, 'variant': variant, 'tag': _TAG.value, 'lr': lr, 'set': overrides,
+          'validation_accuracy': s['final_validation_accuracy'],
+          'test_accuracy': s['final_test_accuracy'], 'wall_time_s': s['wall_time_s'],
+          'machine': s['machine']}]
+      doc['runs'] = runs
+      doc['best'] = best(runs)
+      os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
+      with open(_OUT.value, 'w') as f:
+        json.dump(doc, f, indent=2)
+      with open(os.path.splitext(_OUT.value)[0] + '.md', 'w') as f:
+        f.write(markdown(doc))
+
+
+if __name__ == '__main__':
+  app.run(main)
