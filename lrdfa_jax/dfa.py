@@ -18,8 +18,10 @@ The output block receives the exact cross-entropy gradient.
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +31,7 @@ from lrdfa_jax import layers, losses, models
 
 Array = jax.Array
 Forward = Callable[[Any], tuple[tuple[Array, dict[str, Array]], Any]]
-ALIGNMENTS = ('none', 'subspace', 'output')
+ALIGNMENTS = ('none', 'subspace', 'output', 'next')
 
 
 def expand_signal(g_BxD: Array, tap_shape: tuple[int, ...], name: str = '') -> Array:
@@ -68,8 +70,32 @@ def subspace_alignment_loss(params: Any, feedback: fb.Feedback) -> Array:
   return total
 
 
+def next_alignment_loss(params: Any, feedback: fb.Feedback, order: Sequence[str],
+                        reader_of_last: str = 'head') -> Array:
+  """Σ over blocks i of :func:`losses.alignment_subspace` (``V_{i+1}``, ``s_{i+1}``, ``P_i``).
+
+  The layer that reads block i's output (:func:`lrdfa_jax.models.input_layer` of the next
+  block in ``order``, the forward order of the taps; ``reader_of_last`` for the last) is
+  pulled to read the directions block i's feedback writes into: the energy of its input
+  factor ``V diag(s)`` (per input position) outside ``span(P_i)``, normalised. It uses
+  parameters and fixed feedback only, no activation crosses blocks. Blocks whose reader is
+  not factored, or whose feedback has no ``P`` (dense), add nothing.
+  """
+  total = jnp.zeros(())
+  readers = list(order[1:]) + [reader_of_last]
+  for name, reader in zip(order, readers):
+    if name not in feedback.names:
+      continue
+    layer = models.input_layer(params, reader)
+    b = feedback.block(name)
+    if layers.is_svd_layer(layer) and 'p' in b and layer['v'].shape[0] % b['p'].shape[0] == 0:
+      total = total + losses.alignment_subspace(layer['v'], layer['s'], b['p'])
+  return total
+
+
 def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: Array, *,
-                align: str = 'none', align_weight: float = 0.0) -> tuple[Any, dict[str, Any]]:
+                align: str = 'none', align_weight: float = 0.0,
+                tap_order: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
   """The DFA/SSA update: a pytree shaped like ``params`` to feed ``tx.update``.
 
   Args:
@@ -78,9 +104,11 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
     feedback: fixed feedback with one entry per tap that should learn (taps without one get
       a zero signal).
     labels_B: integer labels.
-    align: ``'none'``, ``'subspace'`` (param term, :func:`subspace_alignment_loss`) or
-      ``'output'`` (``1 − cos(h_i, −g_i)`` on each tap, added to the tap's cotangent).
+    align: ``'none'``, ``'subspace'`` (param term, :func:`subspace_alignment_loss`),
+      ``'output'`` (``1 − cos(h_i, −g_i)`` on each tap, added to the tap's cotangent) or
+      ``'next'`` (param term on the reading layer, :func:`next_alignment_loss`).
     align_weight: weight of the alignment term.
+    tap_order: the tap names in forward order (``align='next'`` only).
 
   Returns:
     ``(updates, aux)``; ``aux`` holds ``loss`` (CE), ``logits``, ``extra`` and ``align_loss``.
@@ -109,8 +137,12 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
       align_loss = align_loss + a
     cotangents[name] = cot.astype(h.dtype)
   (updates,) = vjp_fn(((err_BxC / batch).astype(logits.dtype), cotangents))
-  if align == 'subspace' and align_weight:
-    align_loss, da = jax.value_and_grad(subspace_alignment_loss)(params, feedback)
+  if align in ('subspace', 'next') and align_weight:
+    if align == 'next' and not tap_order:
+      raise ValueError("align='next' needs tap_order, the taps in forward order.")
+    term = (subspace_alignment_loss if align == 'subspace' else
+            functools.partial(next_alignment_loss, order=tuple(tap_order)))
+    align_loss, da = jax.value_and_grad(term)(params, feedback)
     updates = jax.tree.map(lambda u, d: u + align_weight * d, updates, da)
   aux = {'loss': losses.cross_entropy(logits, labels_B), 'logits': logits, 'extra': extra,
          'align_loss': align_loss}

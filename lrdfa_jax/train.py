@@ -46,6 +46,7 @@ class StepConfig:
   align: str = 'none'
   align_weight: float = 0.0
   hoyer_weight: float = 0.0
+  tap_order: tuple[str, ...] = ()  # forward order of the taps (align='next')
 
 
 # ---------------------------------------------------------------------------------- steps
@@ -72,7 +73,8 @@ def compute_updates(cfg: StepConfig, state: TrainState, batch: dict[str, Any]):
 
   if local:
     grads, aux = dfa.local_grads(forward, state.params, state.feedback, batch['label'],
-                                 align=cfg.align, align_weight=cfg.align_weight)
+                                 align=cfg.align, align_weight=cfg.align_weight,
+                                 tap_order=cfg.tap_order)
   else:
     grads, aux = dfa.bp_grads(forward, state.params, batch['label'])
   if cfg.hoyer_weight:
@@ -206,6 +208,20 @@ def build_feedback(config, key, params, tap_shapes, num_classes) -> fb.Feedback:
     ranks[name] = min(k, d.feedback_rank) if d.feedback_rank else k
   return fb.init_feedback(key, dfa.tap_widths(tap_shapes, d.delivery), num_classes, kind=kind,
                           ranks=ranks, scale=d.feedback_scale)
+
+
+def tap_order(model, image_shape) -> tuple[str, ...]:
+  """The model's tap names in forward order (pytrees sort dict keys; this does not)."""
+  order: list[str] = []
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+
+  def taps(x):
+    variables = model.init(jax.random.key(0), x, train=False)
+    out = model.apply(variables, x, train=False)[1]
+    order.extend(out)  # recorded while tracing, before the output is flattened
+    return out
+  jax.eval_shape(taps, x)
+  return tuple(order)
 
 
 def create_train_state(config, model, tx, image_shape, num_classes, key) -> TrainState:
@@ -415,7 +431,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   cfg = StepConfig(method=config.dfa.method, align=config.dfa.align,
                    align_weight=float(config.dfa.align_weight),
                    hoyer_weight=float(config.dfa.hoyer_weight) if config.dfa.method in
-                   FACTORED_METHODS else 0.0)
+                   FACTORED_METHODS else 0.0,
+                   tap_order=tap_order(model, info['image_shape']) if config.dfa.align == 'next'
+                   else ())
   state = jax.device_put(state, NamedSharding(mesh, P()))
   train_fn, eval_fn, angle_fn = make_steps(cfg, mesh, state)
 

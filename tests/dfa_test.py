@@ -124,6 +124,47 @@ def test_alignment_terms_change_only_their_share(align):
   jax.tree.map(np.testing.assert_array_equal, upd['head'], base['head'])
 
 
+def test_next_layer_alignment_reads_feedback_subspace():
+  """align='next' pulls each reading layer's V diag(s) into span(P) of the block it reads."""
+  model = models.SmallConv(num_classes=C, widths=(4, 6, 8), hidden=16,
+                           conv=functools.partial(layers.SVDConv, rank=2, split='channel'),
+                           dense=functools.partial(layers.SVDDense, rank=2))
+  x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3)); y = jnp.array([0, 2])
+  params = model.init(jax.random.key(0), x)['params']
+  taps = jax.eval_shape(lambda p: model.apply({'params': p}, x)[1], params)
+  feedback = fb.init_feedback(jax.random.key(1), dfa.tap_widths(taps), C, ranks=2)
+  order = ('conv1', 'conv2', 'conv3', 'fc1')
+  # NumPy reference: reader rows are (position, channel), channel fastest
+  want = 0.0
+  for name, reader in zip(order, ['conv2', 'conv3', 'fc1', 'head']):
+    r = params[reader]
+    p = np.asarray(feedback.block(name)['p'])
+    a = np.asarray(r['v'] * r['s']).reshape(-1, p.shape[0], r['s'].shape[0])
+    a = a.transpose(1, 0, 2).reshape(p.shape[0], -1)
+    want += np.sum((a - p @ (p.T @ a))**2) / np.sum(a**2)
+  got = dfa.next_alignment_loss(params, feedback, order)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # the term moves only the readers' V and s, never U, and the dense stem gets nothing
+  fwd = _forward(model, x, True)
+  base, _ = dfa.local_grads(fwd, params, feedback, y)
+  upd, aux = dfa.local_grads(fwd, params, feedback, y, align='next', align_weight=0.5,
+                             tap_order=order)
+  np.testing.assert_allclose(aux['align_loss'], want, rtol=1e-5)
+  for layer in ('conv2', 'conv3', 'fc1', 'head'):
+    np.testing.assert_array_equal(upd[layer]['u'], base[layer]['u'])
+    assert not np.allclose(upd[layer]['v'], base[layer]['v'])
+  jax.tree.map(np.testing.assert_array_equal, upd['conv1'], base['conv1'])
+  with pytest.raises(ValueError, match='tap_order'):
+    dfa.local_grads(fwd, params, feedback, y, align='next', align_weight=0.5)
+  # descending the term alone lowers it
+  step = jax.jit(jax.value_and_grad(lambda p: dfa.next_alignment_loss(p, feedback, order)))
+  p = params
+  for _ in range(50):
+    value, g = step(p)
+    p = jax.tree.map(lambda a, b: a - 0.5 * b, p, g)
+  assert float(step(p)[0]) < 0.5 * float(want)
+
+
 def test_update_angles():
   a = {'l': {'w': jnp.array([1.0, 0.0])}, 'm': {'w': jnp.array([1.0, 1.0])}}
   b = {'l': {'w': jnp.array([0.0, 2.0])}, 'm': {'w': jnp.array([3.0, 3.0])}}

@@ -3,6 +3,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -140,6 +141,18 @@ def test_streams_imagenet_from_tfds_source(tmp_path):
   assert any(k.startswith('angle/') for m in metrics for k in m)
   with pytest.raises(train.ConfigError, match='image_size applies to'):
     train._dataset_info(tiny_config(data__source='offline', data__image_size=64))
+
+
+def test_tap_order_is_forward_order():
+  small = train.build_model(tiny_config(), 4)
+  assert train.tap_order(small, (8, 8, 3)) == ('conv1', 'conv2', 'conv3', 'fc1')
+  c = tiny_config()
+  c.model.name, c.model.kwargs = 'vgg13', ml_collections.ConfigDict()
+  order = train.tap_order(train.build_model(c, 4), (32, 32, 3))
+  assert order == tuple(f'conv{i}' for i in range(1, 11))  # sorted would put conv10 2nd
+  run = train.train_and_evaluate(tiny_config(dfa__align='next', dfa__align_weight=1.0,
+                                             train__epochs=1))
+  assert np.isfinite(run['final_test_loss'])
 
 
 def test_nan_stops_and_keeps_last_checkpoint(tmp_path):

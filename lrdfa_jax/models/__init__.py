@@ -23,10 +23,10 @@ from typing import Any
 import flax.linen as nn
 
 from lrdfa_jax import layers
-from lrdfa_jax.models.common import (ACTIVATIONS, OUTPUT_LAYERS, avg_pool_2x2, block_input,
-                                     global_avg_pool, layer_factory, layer_paths, layer_rank,
-                                     max_pool_2x2, max_pool_3x3_s2, output_layer, scoped,
-                                     unmatched_overrides)
+from lrdfa_jax.models.common import (ACTIVATIONS, INPUT_LAYERS, OUTPUT_LAYERS, avg_pool_2x2,
+                                     block_input, global_avg_pool, input_layer, layer_factory,
+                                     layer_paths, layer_rank, max_pool_2x2, max_pool_3x3_s2,
+                                     output_layer, scoped, unmatched_overrides)
 from lrdfa_jax.models.mobilenet import MOBILENET_V1_BLOCKS, DepthwiseSeparable, MobileNetV1
 from lrdfa_jax.models.resnet import BLOCKS, BasicBlock, Bottleneck, ResNet
 from lrdfa_jax.models.small import MLP, SmallConv
@@ -82,9 +82,10 @@ def build_model(name: str, *, num_classes: int, rank: layers.Rank | None = None,
 
 
 __all__ = [
-    'ACTIVATIONS', 'BLOCKS', 'MLP', 'MODELS', 'MOBILENET_V1_BLOCKS', 'OUTPUT_LAYERS',
+    'ACTIVATIONS', 'BLOCKS', 'INPUT_LAYERS', 'MLP', 'MODELS', 'MOBILENET_V1_BLOCKS',
+    'OUTPUT_LAYERS',
     'VGG13_WIDTHS', 'BasicBlock', 'Bottleneck', 'DepthwiseSeparable', 'MobileNetV1', 'ResNet',
     'SmallConv', 'VGG', 'avg_pool_2x2', 'block_input', 'build_model', 'global_avg_pool',
-    'layer_factory', 'layer_paths', 'layer_rank', 'max_pool_2x2', 'max_pool_3x3_s2',
-    'output_layer', 'scoped', 'unmatched_overrides',
+    'input_layer', 'layer_factory', 'layer_paths', 'layer_rank', 'max_pool_2x2',
+    'max_pool_3x3_s2', 'output_layer', 'scoped', 'unmatched_overrides',
 ]

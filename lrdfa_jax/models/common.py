@@ -31,6 +31,9 @@ ACTIVATIONS = {'relu': nn.relu, 'tanh': jnp.tanh, 'gelu': nn.gelu, 'silu': nn.si
 # The layer that writes a sub-module block's output, by local name, first present wins:
 # the bottleneck's conv3, the basic block's conv2, the depthwise-separable block's pw.
 OUTPUT_LAYERS = ('conv3', 'conv2', 'pw')
+# The layer that reads a sub-module block's input (its main path; a shortcut conv also reads
+# it but is not counted): the residual blocks' conv1, the depthwise-separable block's dw.
+INPUT_LAYERS = ('conv1', 'dw')
 
 
 def max_pool_2x2(x: Array) -> Array:
@@ -169,6 +172,23 @@ def output_layer(params: Any, tap_name: str) -> Any:
   if _is_layer(p):
     return p
   for name in OUTPUT_LAYERS:
+    if name in p:
+      return p[name]
+  return None
+
+
+def input_layer(params: Any, tap_name: str) -> Any:
+  """The layer that reads block ``tap_name``'s input: ``params[tap_name]`` when that is a
+  layer, else the block's first layer (:data:`INPUT_LAYERS`); ``None`` when there is none.
+
+  Used by the next-layer alignment term (``dfa.align='next'``).
+  """
+  p = params.get(tap_name) if isinstance(params, Mapping) else None
+  if not isinstance(p, Mapping):
+    return None
+  if _is_layer(p):
+    return p
+  for name in INPUT_LAYERS:
     if name in p:
       return p[name]
   return None
