@@ -7,7 +7,9 @@
 Runs (skipping those already finished in ``--rundir``; interrupted ones resume): ``bp``
 and ``ssa`` for every seed, ``svd_bp``, ``dfa``, ``ssa`` without alignment and ``ssa``
 without orthogonality for the first seed. All share configs/cifar10.py (augmentation,
-optimizer, schedule, batch size, epochs); only the method fields differ. Then every run is
+optimizer, schedule, batch size, epochs); only the method fields differ, and the learning
+rate, which is each method's choice in ``--tuning`` (experiments.tune, held-out slice; the
+ablations use their method's) or the config's when that file is missing. Then every run is
 exported to ``--results`` and the table and plots are rebuilt there (experiments.report).
 """
 from __future__ import annotations
@@ -17,13 +19,15 @@ import os
 from absl import app, flags
 
 from experiments import report
-from experiments.variants import VARIANTS, config_for
+from experiments.variants import VARIANTS, chosen_lr, config_for
 from lrdfa_jax import train
 
 _RUNDIR = flags.DEFINE_string('rundir', 'runs/protocol', 'Where the runs live.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds for bp and ssa.')
 _EPOCHS = flags.DEFINE_integer('epochs', 10, 'Epochs for every run.')
-_ONLY = flags.DEFINE_list('only', None, 'Run only these variants (names below).')
+_ONLY = flags.DEFINE_list('only', None, 'Run only these variants (experiments/variants.py).')
+_TUNING = flags.DEFINE_string('tuning', 'results/cifar10_small_conv/tuning.json',
+                              'experiments.tune output with the learning rate per method.')
 
 def main(argv):
   del argv
@@ -33,9 +37,11 @@ def main(argv):
     if _ONLY.value and variant not in _ONLY.value:
       continue
     for seed in seeds if all_seeds else seeds[:1]:
-      workdir = os.path.join(_RUNDIR.value, f'{variant}_seed{seed}')
+      c = config_for(variant, seed, _EPOCHS.value)
+      c.opt.lr = chosen_lr(_TUNING.value, variant) or c.opt.lr
+      workdir = os.path.join(_RUNDIR.value, f'{variant}_lr{c.opt.lr:g}_seed{seed}')
       if not os.path.exists(os.path.join(workdir, 'summary.json')):
-        s = train.train_and_evaluate(config_for(variant, seed, _EPOCHS.value), workdir)
+        s = train.train_and_evaluate(c, workdir)
         print(f'{variant} seed {seed}: {s["final_test_accuracy"]:.2f}% '
               f'in {s["wall_time_s"]:.0f} s')
       report.export_run(workdir, results_dir)

@@ -61,18 +61,6 @@ def best(runs: list[dict]) -> dict[str, dict]:
           for k, v in sorted(out.items())}
 
 
-def chosen_lr(path: str, variant: str) -> float | None:
-  """The tuned learning rate for a protocol variant (ablations use their base method's)."""
-  if not path or not os.path.exists(path):
-    return None
-  with open(path) as f:
-    choice = json.load(f)['best']
-  for key in (variant, variant.split('_no')[0]):
-    if key in choice:
-      return choice[key]['lr']
-  return None
-
-
 def markdown(doc: dict) -> str:
   lines = [f'Held-out tuning: {doc["validation_size"]} training images held out, '
            f'{doc["epochs"]} epochs per run, seed 0 (`python -m experiments.tune`).', '',

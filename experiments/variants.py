@@ -1,6 +1,9 @@
 """The protocol's method variants on configs/cifar10.py (shared by protocol.py and tune.py)."""
 from __future__ import annotations
 
+import json
+import os
+
 from configs import cifar10
 
 # variant name -> (config overrides, all seeds?)
@@ -23,3 +26,15 @@ def config_for(variant: str, seed: int, epochs: int):
   c.train.epochs = epochs
   c.train.progress_bar = False
   return c
+
+
+def chosen_lr(path: str, variant: str) -> float | None:
+  """The tuned learning rate for a protocol variant (ablations use their base method's)."""
+  if not path or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    choice = json.load(f)['best']
+  for key in (variant, variant.split('_no')[0]):
+    if key in choice:
+      return choice[key]['lr']
+  return None

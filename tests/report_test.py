@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from experiments import report
 from lrdfa_jax import train
@@ -45,7 +46,7 @@ def test_variant_labels():
 
 
 def test_protocol_variants_share_one_pipeline():
-  from experiments import protocol
+  from experiments import variants as protocol
   base = protocol.config_for('bp', 0, 10).to_dict()
   for name in protocol.VARIANTS:
     c = protocol.config_for(name, 1, 10).to_dict()
@@ -56,3 +57,25 @@ def test_protocol_variants_share_one_pipeline():
         {k: v for k, v in base['train'].items() if k != 'seed'}
   assert protocol.config_for('ssa_noorth', 0, 10).dfa.orth_weight == 0.0
   assert protocol.config_for('ssa_noalign', 0, 10).dfa.align == 'none'
+
+
+def test_tuning_choice_and_overrides(tmp_path):
+  from experiments import tune, variants
+  runs = [dict(variant='ssa', tag='', lr=lr, validation_accuracy=acc)
+          for lr, acc in [(3e-4, 40.0), (1e-3, 47.5), (3e-3, 45.0)]]
+  runs += [dict(variant='bp', tag='', lr=3e-4, validation_accuracy=60.0),
+           dict(variant='ssa', tag='rank0.5', lr=1e-3, validation_accuracy=50.0)]
+  best = tune.best(runs)
+  assert best == {'bp': {'lr': 3e-4, 'validation_accuracy': 60.0},
+                  'ssa': {'lr': 1e-3, 'validation_accuracy': 47.5},
+                  'ssa/rank0.5': {'lr': 1e-3, 'validation_accuracy': 50.0}}
+  path = tmp_path / 'tuning.json'
+  path.write_text(json.dumps({'best': best}))
+  assert variants.chosen_lr(str(path), 'ssa_noorth') == 1e-3  # ablations use their method's
+  assert variants.chosen_lr(str(path), 'bp') == 3e-4
+  assert variants.chosen_lr(str(path), 'dfa') is None
+  assert variants.chosen_lr(str(tmp_path / 'missing.json'), 'bp') is None
+  assert tune.parse_set(['model.rank=0.5', 'dfa.align=next', 'model.act=relu']) == {
+      'model.rank': 0.5, 'dfa.align': 'next', 'model.act': 'relu'}
+  with pytest.raises(ValueError, match='section.field'):
+    tune.parse_set(['rank=0.5'])
