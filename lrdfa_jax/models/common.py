@@ -14,7 +14,7 @@ block ``scoped(conv, block_name)``, so a :func:`layer_factory` sees the qualifie
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -159,6 +159,15 @@ def unmatched_overrides(params: Any, overrides: Mapping[str, Any] | None) -> lis
           if not any(layer_rank(q, None, {p: 'x'}) == 'x' for q in paths)]
 
 
+def _block_layer(params: Any, tap_name: str, names: Sequence[str]) -> Any:
+  p = params.get(tap_name) if isinstance(params, Mapping) else None
+  if not isinstance(p, Mapping):
+    return None
+  if _is_layer(p):
+    return p
+  return next((p[name] for name in names if name in p), None)
+
+
 def output_layer(params: Any, tap_name: str) -> Any:
   """The layer that writes block ``tap_name``'s output: ``params[tap_name]`` when that is a
   layer (single-layer blocks, stems), else the block's last conv (:data:`OUTPUT_LAYERS`).
@@ -166,15 +175,7 @@ def output_layer(params: Any, tap_name: str) -> Any:
   Used for the feedback rank (``min(rank, C)``) and the subspace alignment term. ``None``
   when the block has no such layer.
   """
-  p = params.get(tap_name) if isinstance(params, Mapping) else None
-  if not isinstance(p, Mapping):
-    return None
-  if _is_layer(p):
-    return p
-  for name in OUTPUT_LAYERS:
-    if name in p:
-      return p[name]
-  return None
+  return _block_layer(params, tap_name, OUTPUT_LAYERS)
 
 
 def input_layer(params: Any, tap_name: str) -> Any:
@@ -183,12 +184,4 @@ def input_layer(params: Any, tap_name: str) -> Any:
 
   Used by the next-layer alignment term (``dfa.align='next'``).
   """
-  p = params.get(tap_name) if isinstance(params, Mapping) else None
-  if not isinstance(p, Mapping):
-    return None
-  if _is_layer(p):
-    return p
-  for name in INPUT_LAYERS:
-    if name in p:
-      return p[name]
-  return None
+  return _block_layer(params, tap_name, INPUT_LAYERS)
