@@ -79,3 +79,16 @@ def test_tuning_choice_and_overrides(tmp_path):
       'model.rank': 0.5, 'dfa.align': 'next', 'model.act': 'relu'}
   with pytest.raises(ValueError, match='section.field'):
     tune.parse_set(['rank=0.5'])
+
+
+def test_term_scales_on_a_finished_run(tmp_path):
+  from experiments import term_scales
+  run = str(tmp_path / 'ssa')
+  train.train_and_evaluate(tiny_config('ssa', train__epochs=1), run)
+  out = term_scales.term_scales(run)
+  assert out['step'] == 8  # tiny_config factors every layer
+  assert set(out['layers']) == {'conv1', 'conv2', 'conv3', 'fc1', 'head'}
+  for k, v in out['layers'].items():
+    assert v['u']['dfa'] > 0 and v['u']['bp'] > 0 and v['orth_error'] >= 0
+    assert v['s']['orth'] == 0.0 and v['v']['align'] == 0.0  # terms touch only their factors
+    assert (v['u']['align'] > 0) == (k != 'head')  # the head has no feedback

@@ -1,0 +1,72 @@
+"""How large each SSA term's gradient is next to the local (DFA) update, per factored layer.
+
+  python -m experiments.term_scales --run=runs/protocol/ssa_lr0.001_seed0 \
+      --out=results/cifar10_small_conv/term_scales.json
+
+Restores the run's last checkpoint, takes one training batch (seed 0, epoch 0) and writes, for
+every factored layer and each of ``u``, ``s``, ``v``: the Frobenius norm of the DFA update, of
+the backprop gradient, of ``orth_weight ·`` the orthogonality gradient and of ``align_weight ·``
+the subspace-alignment gradient, with the run's weights. Adam rescales the sum per coordinate,
+so a term whose norm is orders of magnitude below the DFA update barely moves the factors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags
+
+from lrdfa_jax import data as data_lib
+from lrdfa_jax import dfa, layers, losses, train
+
+_RUN = flags.DEFINE_string('run', None, 'A finished ssa run directory.', required=True)
+_OUT = flags.DEFINE_string('out', None, 'JSON path (printed when unset).')
+
+
+def term_scales(run: str) -> dict:
+  with open(os.path.join(run, 'config.json')) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  state = train.restore_checkpoint(config, run)
+  info = train._dataset_info(config)
+  images, labels = train.load_data(config)['train']
+  batch = next(data_lib.train_batches(images, labels, batch_size=config.train.batch_size,
+                                      seed=0, epoch=0, mean=info['mean'], std=info['std']))
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  d = config.dfa
+  cfg = train.StepConfig(method='ssa', align='none')
+  local, _ = train.compute_updates(cfg, state, batch)
+  bp, _ = train.compute_updates(dataclasses.replace(cfg, method='bp'), state, batch)
+  svd = {k: v for k, v in state.params.items() if layers.is_svd_layer(v)}
+  orth = jax.grad(lambda p: sum(losses.orthogonality(p[k]['u'], p[k]['v']) for k in svd))(
+      state.params)
+  align = jax.grad(dfa.subspace_alignment_loss)(state.params, state.feedback)
+  out = {'run': run, 'step': int(state.step), 'orth_weight': d.orth_weight,
+         'align_weight': d.align_weight, 'layers': {}}
+  for k in svd:
+    out['layers'][k] = {
+        f: {'dfa': float(jnp.linalg.norm(local[k][f])), 'bp': float(jnp.linalg.norm(bp[k][f])),
+            'orth': d.orth_weight * float(jnp.linalg.norm(orth[k][f])),
+            'align': d.align_weight * float(jnp.linalg.norm(align[k][f]))}
+        for f in ('u', 's', 'v')}
+    out['layers'][k]['orth_error'] = float(losses.orthogonality(svd[k]['u'], svd[k]['v']))
+  return out
+
+
+def main(argv):
+  del argv
+  out = term_scales(_RUN.value)
+  text = json.dumps(out, indent=1)
+  if _OUT.value:
+    with open(_OUT.value, 'w') as f:
+      f.write(text + '\n')
+  for k, v in out['layers'].items():
+    for f in ('u', 's', 'v'):
+      print(f'{k}/{f}: ' + '  '.join(f'{t} {v[f][t]:.2e}' for t in ('dfa', 'bp', 'orth', 'align')))
+
+
+if __name__ == '__main__':
+  app.run(main)
