@@ -46,7 +46,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
 
   c.opt = o = ml_collections.ConfigDict()
   o.name = 'adam'            # adam | adamw | sgd
-  o.lr = 5e-4
+  o.lr = 1e-3                # ssa's held-out choice: results/cifar10_small_conv/tuning.md
   o.schedule = 'cosine'      # cosine | constant, after a linear warmup
   o.warmup_steps = 200
   o.b1 = 0.9

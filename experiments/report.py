@@ -75,15 +75,17 @@ def table(results: list[dict]) -> str:
   groups = collections.defaultdict(list)
   for s in results:
     groups[s.get('variant') or variant(s)].append(s)
-  rows = ['| variant | seeds | final test accuracy (%) | trainable params | epochs | wall time / run (s) |',
-          '|---|---|---|---|---|---|']
+  rows = ['| variant | seeds | final test accuracy (%) | trainable params | lr | epochs | '
+          'wall time / run (s) |', '|---|---|---|---|---|---|---|']
   order = sorted(groups, key=lambda v: -np.mean([s['final_test_accuracy'] for s in groups[v]]))
   for v in order:
     accs = np.array([s['final_test_accuracy'] for s in groups[v]])
     std = f' ± {accs.std(ddof=1):.2f}' if len(accs) > 1 else ''
     g = groups[v]
+    lrs = sorted({s['config']['opt']['lr'] for s in g})
     rows.append(f'| {v} | {len(accs)} | {accs.mean():.2f}{std} | {g[0]["trainable_params"]:,} | '
-                f'{g[0]["epochs"]:g} | {np.mean([s["wall_time_s"] for s in g]):.0f} |')
+                f'{", ".join(f"{lr:g}" for lr in lrs)} | {g[0]["epochs"]:g} | '
+                f'{np.mean([s["wall_time_s"] for s in g]):.0f} |')
   machines = sorted({s['machine'] for s in results})
   return '\n'.join(rows) + f'\n\nMachine: {"; ".join(machines)}\n'
 

@@ -29,7 +29,7 @@ def test_export_table_and_plots(tmp_path):
   accs = [runs['a']['final_test_accuracy'], runs['b']['final_test_accuracy']]
   row = next(l for l in md.splitlines() if l.startswith('| ssa |'))
   assert f'{np.mean(accs):.2f} ± {np.std(accs, ddof=1):.2f}' in row
-  assert '| 2 |' in row
+  assert '| 2 |' in row and '| 0.003 |' in row  # tiny_config's learning rate
   paths = report.plot(results, str(out))
   assert [os.path.basename(p) for p in paths] == ['accuracy.png', 'angles.png']
   assert all(os.path.getsize(p) > 1000 for p in paths)
