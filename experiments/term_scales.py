@@ -1,7 +1,7 @@
 """How large each SSA term's gradient is next to the local (DFA) update, per factored layer.
 
   python -m experiments.term_scales --run=runs/protocol/ssa_lr0.001_seed0 \
-      --out=results/cifar10_small_conv/term_scales.json
+      --json=results/cifar10_small_conv/term_scales.json
 
 Restores the run's last checkpoint, takes one training batch (seed 0, epoch 0) and writes, for
 every factored layer and each of ``u``, ``s``, ``v``: the Frobenius norm of the DFA update, of
@@ -24,7 +24,7 @@ from lrdfa_jax import data as data_lib
 from lrdfa_jax import dfa, layers, losses, train
 
 _RUN = flags.DEFINE_string('run', None, 'A finished ssa run directory.', required=True)
-_OUT = flags.DEFINE_string('out', None, 'JSON path (printed when unset).')
+_OUT = flags.DEFINE_string('json', None, 'JSON path to write (printed either way).')
 
 
 def term_scales(run: str) -> dict:

@@ -43,6 +43,10 @@ def test_variant_labels():
   assert report.variant(s) == 'ssa −orth'
   s['config']['dfa']['align'] = 'none'
   assert report.variant(s) == 'ssa −align −orth'
+  s['config']['dfa'].update(align='subspace', orth_weight=0.1, delivery='full')
+  assert report.variant(s) == 'ssa (full-map feedback)'
+  s['method'] = 'bp'
+  assert report.variant(s) == 'bp'
 
 
 def test_protocol_variants_share_one_pipeline():
@@ -74,6 +78,7 @@ def test_tuning_choice_and_overrides(tmp_path):
   assert variants.chosen_lr(str(path), 'ssa_noorth') == 1e-3  # ablations use their method's
   assert variants.chosen_lr(str(path), 'bp') == 3e-4
   assert variants.chosen_lr(str(path), 'dfa') is None
+  assert variants.chosen_lr(str(path), 'ssa_fullmap') == 1e-3
   assert variants.chosen_lr(str(tmp_path / 'missing.json'), 'bp') is None
   assert tune.parse_set(['model.rank=0.5', 'dfa.align=next', 'model.act=relu']) == {
       'model.rank': 0.5, 'dfa.align': 'next', 'model.act': 'relu'}
