@@ -6,8 +6,8 @@ Run card:
   method:   --config.dfa.method=bp|svd_bp|dfa|ssa
   expected: 56.63 % final test accuracy after 10 epochs (ssa, seed 0; 56.86 ± 0.52 % over seeds
             0-2), measured 2026-11-27 on this project's shared 2-core CPU (x86_64, jax 0.10.2) by
-            `python -m experiments.protocol` (its ssa run has this config); about 41 min wall time
-            with up to 9 runs sharing the machine. Summary in results/main_cifar10/, the comparison
+            `python -m experiments.protocol` (its ssa run has this config), with up to 9 runs
+            sharing the machine (stopped after epoch 5 and resumed; see the README). Summary in results/main_cifar10/, the comparison
             with bp/svd_bp/dfa in results/cifar10_small_conv/ and the README.
 """
 from configs import default

@@ -37,7 +37,7 @@ def chosen_lr(path: str, variant: str) -> float | None:
     return None
   with open(path) as f:
     choice = json.load(f)['best']
-  for key in (variant, variant.split('_')[0] if variant != 'svd_bp' else variant):
+  for key in (variant, VARIANTS[variant][0]['dfa.method'] if variant in VARIANTS else None):
     if key in choice:
       return choice[key]['lr']
   return None
