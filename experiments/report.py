@@ -35,8 +35,8 @@ def variant(summary: dict) -> str:
       label += f' ({d["align"]} align)'
     if not d['orth_weight']:
       label += ' −orth'
-  if d.get('delivery', 'channel') != 'channel' and label.split()[0] in ('dfa', 'ssa'):
-    label += f' ({d["delivery"]}-map feedback)'
+  if d.get('delivery', 'channel') == 'channel' and label.split()[0] in ('dfa', 'ssa'):
+    label += ' (channel-broadcast feedback)'  # configs/cifar10.py delivers full feature maps
   return label
 
 

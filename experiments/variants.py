@@ -14,10 +14,18 @@ VARIANTS = {
     'dfa': ({'dfa.method': 'dfa'}, False),
     'ssa_noalign': ({'dfa.method': 'ssa', 'dfa.align': 'none'}, False),
     'ssa_noorth': ({'dfa.method': 'ssa', 'dfa.orth_weight': 0.0}, False),
-    # full feature-map feedback instead of channel broadcast (a held-out probe's +3.2 points)
-    'ssa_fullmap': ({'dfa.method': 'ssa', 'dfa.delivery': 'full'}, False),
-    'dfa_fullmap': ({'dfa.method': 'dfa', 'dfa.delivery': 'full'}, False),
+    # the feedback delivery ablation: channel broadcast (the DESIGN default, used by
+    # configs/default.py) instead of cifar10.py's full feature-map feedback
+    'ssa_channel': ({'dfa.method': 'ssa', 'dfa.delivery': 'channel'}, True),
+    'dfa_channel': ({'dfa.method': 'dfa', 'dfa.delivery': 'channel'}, False),
+    'ssa_channel_noalign': ({'dfa.method': 'ssa', 'dfa.delivery': 'channel', 'dfa.align': 'none'},
+                            False),
+    'ssa_channel_noorth': ({'dfa.method': 'ssa', 'dfa.delivery': 'channel',
+                            'dfa.orth_weight': 0.0}, False),
 }
+# an ablation's learning rate is its base variant's tuned one
+BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa',
+        'ssa_channel_noalign': 'ssa_channel', 'ssa_channel_noorth': 'ssa_channel'}
 
 
 def config_for(variant: str, seed: int, epochs: int):
@@ -37,7 +45,8 @@ def chosen_lr(path: str, variant: str) -> float | None:
     return None
   with open(path) as f:
     choice = json.load(f)['best']
-  for key in (variant, VARIANTS[variant][0]['dfa.method'] if variant in VARIANTS else None):
+  method = VARIANTS[variant][0]['dfa.method'] if variant in VARIANTS else None
+  for key in (variant, BASE.get(variant), method):
     if key in choice:
       return choice[key]['lr']
   return None

@@ -13,7 +13,7 @@ from tests.train_test import tiny_config
 def test_export_table_and_plots(tmp_path):
   runs = {}
   for name, method, seed in [('a', 'ssa', 0), ('b', 'ssa', 1), ('c', 'bp', 0)]:
-    c = tiny_config(method, train__epochs=1, train__seed=seed)
+    c = tiny_config(method, train__epochs=1, train__seed=seed, dfa__delivery='full')
     runs[name] = train.train_and_evaluate(c, str(tmp_path / 'runs' / name))
   out = tmp_path / 'results'
   for name in runs:
@@ -37,14 +37,17 @@ def test_export_table_and_plots(tmp_path):
 
 def test_variant_labels():
   base = tiny_config('ssa')
+  base.dfa.delivery = 'full'
   s = {'method': 'ssa', 'config': json.loads(base.to_json())}
   assert report.variant(s) == 'ssa'
   s['config']['dfa']['orth_weight'] = 0.0
   assert report.variant(s) == 'ssa −orth'
   s['config']['dfa']['align'] = 'none'
   assert report.variant(s) == 'ssa −align −orth'
-  s['config']['dfa'].update(align='subspace', orth_weight=0.1, delivery='full')
-  assert report.variant(s) == 'ssa (full-map feedback)'
+  s['config']['dfa'].update(align='subspace', orth_weight=0.1, delivery='channel')
+  assert report.variant(s) == 'ssa (channel-broadcast feedback)'
+  s['config']['dfa'].update(delivery='full')
+  assert report.variant(s) == 'ssa'
   s['method'] = 'bp'
   assert report.variant(s) == 'bp'
 
@@ -61,6 +64,8 @@ def test_protocol_variants_share_one_pipeline():
         {k: v for k, v in base['train'].items() if k != 'seed'}
   assert protocol.config_for('ssa_noorth', 0, 10).dfa.orth_weight == 0.0
   assert protocol.config_for('ssa_noalign', 0, 10).dfa.align == 'none'
+  assert protocol.config_for('ssa', 0, 10).dfa.delivery == 'full'
+  assert protocol.config_for('ssa_channel_noalign', 0, 10).dfa.delivery == 'channel'
 
 
 def test_tuning_choice_and_overrides(tmp_path):
@@ -78,7 +83,11 @@ def test_tuning_choice_and_overrides(tmp_path):
   assert variants.chosen_lr(str(path), 'ssa_noorth') == 1e-3  # ablations use their method's
   assert variants.chosen_lr(str(path), 'bp') == 3e-4
   assert variants.chosen_lr(str(path), 'dfa') is None
-  assert variants.chosen_lr(str(path), 'ssa_fullmap') == 1e-3
+  assert variants.chosen_lr(str(path), 'ssa_channel') == 1e-3  # no choice of its own yet
+  best['ssa_channel'] = {'lr': 5e-4, 'validation_accuracy': 45.0}
+  path.write_text(json.dumps({'best': best}))
+  assert variants.chosen_lr(str(path), 'ssa_channel_noorth') == 5e-4  # its base variant's
+  assert variants.chosen_lr(str(path), 'ssa_noorth') == 1e-3
   assert variants.chosen_lr(str(tmp_path / 'missing.json'), 'bp') is None
   assert tune.parse_set(['model.rank=0.5', 'dfa.align=next', 'model.act=relu']) == {
       'model.rank': 0.5, 'dfa.align': 'next', 'model.act': 'relu'}

@@ -179,3 +179,31 @@ def test_angles_and_layer_stats_are_logged(tmp_path):
   head = [r['angle/head'] for r in recs if 'angle/head' in r]
   np.testing.assert_allclose(head, 0.0, atol=0.5)  # the output layer gets the BP gradient
   assert all(0 <= r['angle/conv2'] <= 180 for r in recs if 'angle/conv2' in r)
+
+
+def test_small_conv_taps_before_or_after_the_pool():
+  """``tap='conv'`` feeds the feedback in at conv resolution; the update changes, not the net."""
+  grads, outs = {}, {}
+  for tap in ('pooled', 'conv'):
+    config = tiny_config('ssa', dfa__delivery='full')
+    config.model.kwargs.tap = tap
+    info = train._dataset_info(config)
+    model = train.build_model(config, info['num_classes'])
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), x)
+    outs[tap], taps = model.apply(variables, x)
+    side = {'pooled': (4, 2, 1), 'conv': (8, 4, 2)}[tap]
+    assert [taps[f'conv{i}'].shape[1] for i in (1, 2, 3)] == list(side)
+    state, (train_fn, _, _), mesh, _ = _setup(config)
+    batch = {'image': np.asarray(x), 'label': np.arange(4) % 4}
+    before = jax.tree.map(np.asarray, state.params['conv1'])  # the step donates the state
+    new, m = train_fn(state, train.shard_batch(batch, mesh))
+    assert np.isfinite(float(m['loss']))
+    grads[tap] = jax.tree.map(lambda a, b: np.asarray(a) - b, new.params['conv1'], before)
+  np.testing.assert_allclose(outs['pooled'], outs['conv'], rtol=1e-6)
+  diff = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), grads['pooled'], grads['conv'])
+  assert max(jax.tree.leaves(diff)) > 1e-6
+  config = tiny_config('ssa')
+  config.model.kwargs.tap = 'middle'
+  with pytest.raises(ValueError, match="tap must be 'pooled' or 'conv'"):
+    train.build_model(config, 4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))

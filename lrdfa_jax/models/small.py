@@ -36,6 +36,10 @@ class SmallConv(nn.Module):
   """The paper's small CNN: conv 32 → pool → 64 → pool → 128 → avgpool 2×2 → FC 512 → FC.
 
   Blocks: ``conv1``, ``conv2``, ``conv3`` (conv, activation, pool), ``fc1``, ``head``.
+  ``tap='pooled'`` (default) taps each conv block after its pool, so feedback reaches the
+  block at pooled resolution and flows back through the pool's argmax/average; ``'conv'`` taps
+  the activation before the pool (4× the positions), and the pool then has no parameters
+  to train and only feeds the next block's (stop-gradient) input.
   """
   num_classes: int = 10
   widths: Sequence[int] = (32, 64, 128)
@@ -43,18 +47,24 @@ class SmallConv(nn.Module):
   conv: ModuleFn = nn.Conv
   dense: ModuleFn = nn.Dense
   act: Callable[[Array], Array] = nn.relu
+  tap: str = 'pooled'
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False, local: bool = False):
     del train
+    if self.tap not in ('pooled', 'conv'):
+      raise ValueError(f"SmallConv tap must be 'pooled' or 'conv', got {self.tap!r}.")
     taps = {}
     h = x
     for i, w in enumerate(self.widths, start=1):
       name = f'conv{i}'
       h = self.act(self.conv(w, (3, 3), strides=(1, 1), padding='SAME', name=name)(
           block_input(h, local)))
+      if self.tap == 'conv':
+        taps[name] = h
       h = max_pool_2x2(h) if i < len(self.widths) else avg_pool_2x2(h)
-      taps[name] = h
+      if self.tap == 'pooled':
+        taps[name] = h
     h = h.reshape(h.shape[0], -1)
     h = self.act(self.dense(self.hidden, name='fc1')(block_input(h, local)))
     taps['fc1'] = h
