@@ -62,12 +62,27 @@ def subspace_alignment_loss(params: Any, feedback: fb.Feedback) -> Array:
   that is a sub-module its last conv (:func:`lrdfa_jax.models.output_layer`).
   """
   total = jnp.zeros(())
+  for name in subspace_alignment_blocks(params, feedback):
+    layer = models.output_layer(params, name)
+    total = total + losses.alignment_subspace(layer['u'], layer['s'], feedback.block(name)['p'])
+  return total
+
+
+def subspace_alignment_blocks(params: Any, feedback: fb.Feedback) -> list[str]:
+  """The blocks :func:`subspace_alignment_loss` acts on.
+
+  A block counts when its output layer is factored and its structured feedback's ``P`` has
+  the layer's output width (or a divisor of it). With ``delivery='full'`` a conv block's
+  ``P`` spans positions × channels, which U's channel directions cannot be compared with,
+  so only dense blocks (``fc1``) remain.
+  """
+  out = []
   for name in feedback.names:
     layer = models.output_layer(params, name)
     b = feedback.block(name)
     if layers.is_svd_layer(layer) and 'p' in b and layer['u'].shape[0] % b['p'].shape[0] == 0:
-      total = total + losses.alignment_subspace(layer['u'], layer['s'], b['p'])
-  return total
+      out.append(name)
+  return out
 
 
 def next_alignment_loss(params: Any, feedback: fb.Feedback, order: Sequence[str],

@@ -434,6 +434,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                    FACTORED_METHODS else 0.0,
                    tap_order=tap_order(model, info['image_shape']) if config.dfa.align == 'next'
                    else ())
+  aligned = None
+  if cfg.method in LOCAL_METHODS and cfg.align == 'subspace' and cfg.align_weight:
+    aligned = dfa.subspace_alignment_blocks(state.params, state.feedback)
+    if set(aligned) != set(state.feedback.names):
+      print(f"dfa.align='subspace' acts on {aligned or 'no block'} only: the other blocks' "
+            f"feedback (dfa.delivery={config.dfa.delivery!r}) has no factored output layer of "
+            "its width. dfa.align='output' acts on every block.")
   state = jax.device_put(state, NamedSharding(mesh, P()))
   train_fn, eval_fn, angle_fn = make_steps(cfg, mesh, state)
 
@@ -518,6 +525,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       'final_validation_accuracy': val_metrics.get('accuracy'),
       'final_validation_loss': val_metrics.get('loss'), 'trainable_params': n_params,
       'wall_time_s': time.time() - t_start, 'machine': _machine(),
+      'subspace_align_blocks': aligned,
       'config': json.loads(config.to_json_best_effort()),
   }
   if workdir is not None:

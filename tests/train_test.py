@@ -10,7 +10,7 @@ import pytest
 
 from configs import default
 from lrdfa_jax import data as data_lib
-from lrdfa_jax import train
+from lrdfa_jax import dfa, train
 
 
 def tiny_config(method='ssa', **overrides):
@@ -207,3 +207,18 @@ def test_small_conv_taps_before_or_after_the_pool():
   config.model.kwargs.tap = 'middle'
   with pytest.raises(ValueError, match="tap must be 'pooled' or 'conv'"):
     train.build_model(config, 4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+
+
+def test_subspace_alignment_blocks_follow_the_delivery(tmp_path, capsys):
+  """Full-map feedback leaves the subspace term only the dense block; the run says so."""
+  acting = {}
+  for delivery in ('channel', 'full'):
+    config = tiny_config('ssa', dfa__delivery=delivery)
+    state, *_ = _setup(config)
+    acting[delivery] = dfa.subspace_alignment_blocks(state.params, state.feedback)
+  # 8×8 images: conv3's tap is 1×1 after the pools, so its full map is just its channels
+  assert acting == {'channel': ['conv1', 'conv2', 'conv3', 'fc1'], 'full': ['conv3', 'fc1']}
+  config = tiny_config('ssa', dfa__delivery='full', train__stop_after_steps=1)
+  s = train.train_and_evaluate(config, None)
+  assert s['subspace_align_blocks'] == ['conv3', 'fc1']
+  assert "acts on ['conv3', 'fc1'] only" in capsys.readouterr().out
