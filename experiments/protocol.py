@@ -5,9 +5,11 @@
   python -m experiments.protocol ... --only=bp,ssa --seeds=0,1,2 --epochs=10
 
 Runs (skipping those already finished in ``--rundir``; interrupted ones resume): ``bp``
-and ``ssa`` for every seed, ``svd_bp``, ``dfa``, ``ssa`` without alignment, ``ssa``
-without orthogonality, and ``ssa``/``dfa`` with full feature-map feedback for the first seed. All share configs/cifar10.py (augmentation,
-optimizer, schedule, batch size, epochs); only the method fields differ, and the learning
+and ``ssa`` for every seed, ``svd_bp``, ``dfa``, ``ssa`` without alignment and ``ssa``
+without orthogonality for the first seed; then the feedback-delivery ablation: ``ssa`` for
+every seed, and ``dfa`` and both ``ssa`` ablations for the first seed, with channel-broadcast
+feedback instead of configs/cifar10.py's full feature maps. All share configs/cifar10.py
+(augmentation, optimizer, schedule, batch size, epochs); only the method fields differ, and the learning
 rate, which is each method's choice in ``--tuning`` (experiments.tune, held-out slice; the
 ablations use their method's) or the config's when that file is missing. Then every run is
 exported to ``--results`` and the table and plots are rebuilt there (experiments.report).

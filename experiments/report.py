@@ -98,7 +98,7 @@ def plot(results: list[dict], folder: str) -> list[str]:
   import matplotlib.pyplot as plt
 
   paths = []
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plt.subplots(figsize=(8.5, 4))
   colors = {}
   for s in results:
     c = s['curves']
@@ -107,9 +107,11 @@ def plot(results: list[dict], folder: str) -> list[str]:
       continue
     v = s.get('variant') or variant(s)
     line, = ax.plot(pts[:, 0] / c['steps_per_epoch'], pts[:, 1], marker='o', ms=3,
+                    ls='--' if '(' in v else '-',  # a non-default feedback delivery
                     color=colors.get(v), label=None if v in colors else v)
     colors.setdefault(v, line.get_color())
-  ax.set_xlabel('epoch'); ax.set_ylabel('test accuracy (%)'); ax.grid(alpha=0.3); ax.legend()
+  ax.set_xlabel('epoch'); ax.set_ylabel('test accuracy (%)'); ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0))
   paths.append(os.path.join(folder, 'accuracy.png'))
   fig.tight_layout(); fig.savefig(paths[-1], dpi=120); plt.close(fig)
 
@@ -118,8 +120,12 @@ def plot(results: list[dict], folder: str) -> list[str]:
     shown = {}
     for s in local:
       shown.setdefault(s.get('variant') or variant(s), s)  # first seed of each variant
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.5 * len(shown), 3.6), squeeze=False)
-    for ax, (v, s) in zip(axes[0], shown.items()):
+    cols = min(4, len(shown))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(shown):]:
+      ax.axis('off')
+    for ax, (v, s) in zip(axes.flat, sorted(shown.items())):
       c = s['curves']
       for k in sorted(k for k in c if k.startswith('angle/')):
         pts = np.array(c[k])
