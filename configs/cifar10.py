@@ -6,8 +6,8 @@ Run card:
   method:   --config.dfa.method=bp|svd_bp|dfa|ssa
   expected: 60.19 % final test accuracy after 10 epochs (ssa, seed 0; 60.13 ± 0.44 % over seeds
             0-2), measured 2026-11-27 on this project's shared 2-core CPU (x86_64, jax 0.10.2)
-            by `python -m experiments.protocol` (its ssa run has this config; 1,296 s with 3 runs
-            sharing the machine). Summary in results/main_cifar10/, the comparison with
+            by `python -m experiments.protocol` (its ssa run has this config; 1,296 s with other
+            runs sharing the machine). Summary in results/main_cifar10/, the comparison with
             bp/svd_bp/dfa and the channel-broadcast feedback of configs/default.py in
             results/cifar10_small_conv/ and the README.
 """
@@ -19,7 +19,7 @@ def get_config(arg: str = ''):
   c.data.name = 'cifar10'
   c.data.source = 'offline'
   # Full feature-map feedback: on held-out data +3.2 points over channel broadcast for ssa, and
-  # +3.3 (ssa, 3 seeds each) / +3.5 (dfa, same lr) on the 10-epoch test protocol (README,
+  # +3.3 (ssa, 3 seeds each) / +4.5 (dfa, one seed, each at its tuned lr) at 10 epochs (README,
   # "Results on CIFAR-10"). configs/default.py keeps channel broadcast (cheaper on big maps).
   c.dfa.delivery = 'full'
   if arg:

@@ -10,8 +10,9 @@ without orthogonality for the first seed; then the feedback-delivery ablation: `
 every seed, and ``dfa`` and both ``ssa`` ablations for the first seed, with channel-broadcast
 feedback instead of configs/cifar10.py's full feature maps. All share configs/cifar10.py
 (augmentation, optimizer, schedule, batch size, epochs); only the method fields differ, and the learning
-rate, which is each method's choice in ``--tuning`` (experiments.tune, held-out slice; the
-ablations use their method's) or the config's when that file is missing. Then every run is
+rate, which is each variant's choice in ``--tuning`` (experiments.tune, held-out slice; the
+ablations use their base variant's) or the config's when it has none (printed). A finished
+run is reused only if its config matches (else a clear error). Then every run is
 exported to ``--results`` and the table and plots are rebuilt there (experiments.report).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 from absl import app, flags
 
 from experiments import report
-from experiments.variants import VARIANTS, chosen_lr, config_for
+from experiments.variants import VARIANTS, chosen_lr, config_for, finished_summary
 from lrdfa_jax import train
 
 _RUNDIR = flags.DEFINE_string('rundir', 'runs/protocol', 'Where the runs live.')
@@ -40,9 +41,12 @@ def main(argv):
       continue
     for seed in seeds if all_seeds else seeds[:1]:
       c = config_for(variant, seed, _EPOCHS.value)
-      c.opt.lr = chosen_lr(_TUNING.value, variant) or c.opt.lr
+      tuned = chosen_lr(_TUNING.value, variant)
+      if tuned is None:
+        print(f'{variant}: no held-out choice in {_TUNING.value}; the config\'s lr {c.opt.lr:g}')
+      c.opt.lr = tuned or c.opt.lr
       workdir = os.path.join(_RUNDIR.value, f'{variant}_lr{c.opt.lr:g}_seed{seed}')
-      if not os.path.exists(os.path.join(workdir, 'summary.json')):
+      if finished_summary(workdir, c) is None:
         s = train.train_and_evaluate(c, workdir)
         print(f'{variant} seed {seed}: {s["final_test_accuracy"]:.2f}% '
               f'in {s["wall_time_s"]:.0f} s')

@@ -25,7 +25,12 @@ RESULTS = flags.DEFINE_string('results', None, 'Folder of exported summaries to 
 
 
 def variant(summary: dict) -> str:
-  """A short label: the method plus what differs from its defaults (for the ablation)."""
+  """A short label: the method plus what differs from its defaults (for the ablation).
+
+  Only the dfa fields are read (method, align, orth_weight, delivery); runs that differ in
+  model or training settings share a label, so keep such runs in separate result folders.
+  Channel-broadcast feedback is marked because configs/cifar10.py delivers full maps.
+  """
   d = summary['config']['dfa']
   label = summary['method']
   if label == 'ssa':
@@ -107,7 +112,7 @@ def plot(results: list[dict], folder: str) -> list[str]:
       continue
     v = s.get('variant') or variant(s)
     line, = ax.plot(pts[:, 0] / c['steps_per_epoch'], pts[:, 1], marker='o', ms=3,
-                    ls='--' if '(' in v else '-',  # a non-default feedback delivery
+                    ls='--' if 'channel-broadcast' in v else '-',
                     color=colors.get(v), label=None if v in colors else v)
     colors.setdefault(v, line.get_color())
   ax.set_xlabel('epoch'); ax.set_ylabel('test accuracy (%)'); ax.grid(alpha=0.3)

@@ -19,7 +19,7 @@ import os
 
 from absl import app, flags
 
-from experiments.variants import config_for
+from experiments.variants import config_for, finished_summary
 from lrdfa_jax import train
 
 _RUNDIR = flags.DEFINE_string('rundir', 'runs/tune', 'Where the runs live.')
@@ -96,12 +96,7 @@ def main(argv):
         c[section][field] = value
       name = run_name(variant, lr, _TAG.value)
       workdir = os.path.join(_RUNDIR.value, name)
-      done = os.path.join(workdir, 'summary.json')
-      if os.path.exists(done):
-        with open(done) as f:
-          s = json.load(f)
-      else:
-        s = train.train_and_evaluate(c, workdir)
+      s = finished_summary(workdir, c) or train.train_and_evaluate(c, workdir)
       print(f'{name}: held-out {s["final_validation_accuracy"]:.2f}%')
       if os.path.exists(_OUT.value):  # merge with runs other invocations wrote meanwhile
         with open(_OUT.value) as f:

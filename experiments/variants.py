@@ -40,13 +40,63 @@ def config_for(variant: str, seed: int, epochs: int):
 
 
 def chosen_lr(path: str, variant: str) -> float | None:
-  """The tuned learning rate for a protocol variant (ablations use their base method's)."""
+  """The tuned learning rate for a protocol variant (an ablation uses its base variant's).
+
+  None when ``path`` holds no choice for it: the caller keeps the config's rate.
+  """
   if not path or not os.path.exists(path):
     return None
   with open(path) as f:
     choice = json.load(f)['best']
-  method = VARIANTS[variant][0]['dfa.method'] if variant in VARIANTS else None
-  for key in (variant, BASE.get(variant), method):
+  for key in (variant, BASE.get(variant)):
     if key in choice:
       return choice[key]['lr']
   return None
+
+
+# fields backprop never reads: a bp/svd_bp run is the same run whatever they hold
+_BP_IGNORED = {'delivery', 'feedback', 'feedback_rank', 'feedback_scale', 'align',
+               'align_weight'}
+
+
+# fields that change what is logged or saved, not what is trained
+_MONITORING = {('train', f) for f in ('progress_bar', 'log_every', 'angle_every',
+                                      'eval_every_epochs', 'checkpoint_every_epochs',
+                                      'keep_checkpoints')} | {('data', 'workers')}
+
+
+def config_differences(have: dict, want: dict) -> list[str]:
+  """``section.field`` where a finished run's config (``have``) differs from ``want``.
+
+  Not compared: fields the run's config lacks (added to the code later) and the ones that only
+  say what is logged or saved (``_MONITORING``).
+  """
+  out = []
+  backprop = want.get('dfa', {}).get('method') in ('bp', 'svd_bp')
+  for section, fields in want.items():
+    for field, value in fields.items():
+      if (section, field) in _MONITORING or field not in have.get(section, {}):
+        continue
+      if backprop and section == 'dfa' and field in _BP_IGNORED:
+        continue
+      if have[section][field] != value:
+        out.append(f'{section}.{field}: {have[section][field]!r} there, {value!r} now')
+  return out
+
+
+def finished_summary(workdir: str, config) -> dict | None:
+  """The summary of a finished run in ``workdir`` made with ``config``; None if there is none.
+
+  Raises ValueError when the finished run was made with another config (say, under an older
+  default), instead of reusing it under a name it no longer matches.
+  """
+  path = os.path.join(workdir, 'summary.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    summary = json.load(f)
+  diffs = config_differences(summary['config'], json.loads(config.to_json_best_effort()))
+  if diffs:
+    raise ValueError(f'{workdir} holds a finished run made with another config '
+                     f'({"; ".join(diffs)}). Move it away or pass another --rundir.')
+  return summary

@@ -74,7 +74,7 @@ def subspace_alignment_blocks(params: Any, feedback: fb.Feedback) -> list[str]:
   A block counts when its output layer is factored and its structured feedback's ``P`` has
   the layer's output width (or a divisor of it). With ``delivery='full'`` a conv block's
   ``P`` spans positions × channels, which U's channel directions cannot be compared with,
-  so only dense blocks (``fc1``) remain.
+  so only dense blocks (``fc1``) and conv blocks whose tap is 1×1 remain.
   """
   out = []
   for name in feedback.names:

@@ -435,12 +435,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                    tap_order=tap_order(model, info['image_shape']) if config.dfa.align == 'next'
                    else ())
   aligned = None
-  if cfg.method in LOCAL_METHODS and cfg.align == 'subspace' and cfg.align_weight:
+  if cfg.method in LOCAL_METHODS and cfg.method in FACTORED_METHODS and cfg.align == 'subspace' \
+      and cfg.align_weight:
     aligned = dfa.subspace_alignment_blocks(state.params, state.feedback)
-    if set(aligned) != set(state.feedback.names):
-      print(f"dfa.align='subspace' acts on {aligned or 'no block'} only: the other blocks' "
-            f"feedback (dfa.delivery={config.dfa.delivery!r}) has no factored output layer of "
-            "its width. dfa.align='output' acts on every block.")
+    skipped = [n for n in state.feedback.names if n not in aligned
+               and layers.is_svd_layer(models.output_layer(state.params, n))]
+    if skipped:
+      print(f"dfa.align='subspace' skips the factored blocks {skipped}: their feedback "
+            f"(dfa.delivery={config.dfa.delivery!r}) is wider than the layer's output factor U "
+            f"(full feature-map feedback spans positions × channels). It acts on "
+            f"{aligned or 'no block'}; dfa.align='output' acts on every block.")
   state = jax.device_put(state, NamedSharding(mesh, P()))
   train_fn, eval_fn, angle_fn = make_steps(cfg, mesh, state)
 

@@ -65,7 +65,33 @@ def test_protocol_variants_share_one_pipeline():
   assert protocol.config_for('ssa_noorth', 0, 10).dfa.orth_weight == 0.0
   assert protocol.config_for('ssa_noalign', 0, 10).dfa.align == 'none'
   assert protocol.config_for('ssa', 0, 10).dfa.delivery == 'full'
-  assert protocol.config_for('ssa_channel_noalign', 0, 10).dfa.delivery == 'channel'
+  for name in ('ssa_channel', 'dfa_channel', 'ssa_channel_noalign', 'ssa_channel_noorth'):
+    c = protocol.config_for(name, 0, 10)
+    assert c.dfa.delivery == 'channel' and c.dfa.method == name.split('_')[0], name
+  assert protocol.config_for('ssa_channel_noalign', 0, 10).dfa.align == 'none'
+  assert protocol.config_for('ssa_channel_noorth', 0, 10).dfa.orth_weight == 0.0
+  assert set(protocol.BASE) <= set(protocol.VARIANTS)
+
+
+def test_finished_runs_are_reused_only_with_their_config(tmp_path):
+  from experiments import variants
+  c = variants.config_for('ssa', 0, 10)
+  assert variants.finished_summary(str(tmp_path), c) is None  # nothing there
+  old = variants.config_for('ssa_channel', 0, 10)
+  old.train.angle_every = 200  # monitoring only: not a different run
+  (tmp_path / 'summary.json').write_text(json.dumps(
+      {'final_test_accuracy': 50.0, 'config': json.loads(old.to_json())}))
+  with pytest.raises(ValueError, match="dfa.delivery: 'channel' there, 'full' now"):
+    variants.finished_summary(str(tmp_path), c)
+  assert variants.finished_summary(str(tmp_path), variants.config_for('ssa_channel', 0, 10))
+  bp_old = variants.config_for('bp', 0, 10)
+  bp_old.dfa.delivery = 'channel'  # backprop never reads it
+  (tmp_path / 'summary.json').write_text(json.dumps({'config': json.loads(bp_old.to_json())}))
+  assert variants.finished_summary(str(tmp_path), variants.config_for('bp', 0, 10))
+  with pytest.raises(ValueError, match='opt.lr'):
+    bp = variants.config_for('bp', 0, 10)
+    bp.opt.lr = 3e-3
+    variants.finished_summary(str(tmp_path), bp)
 
 
 def test_tuning_choice_and_overrides(tmp_path):
@@ -83,7 +109,7 @@ def test_tuning_choice_and_overrides(tmp_path):
   assert variants.chosen_lr(str(path), 'ssa_noorth') == 1e-3  # ablations use their method's
   assert variants.chosen_lr(str(path), 'bp') == 3e-4
   assert variants.chosen_lr(str(path), 'dfa') is None
-  assert variants.chosen_lr(str(path), 'ssa_channel') == 1e-3  # no choice of its own yet
+  assert variants.chosen_lr(str(path), 'ssa_channel') is None  # no choice of its own yet
   best['ssa_channel'] = {'lr': 5e-4, 'validation_accuracy': 45.0}
   path.write_text(json.dumps({'best': best}))
   assert variants.chosen_lr(str(path), 'ssa_channel_noorth') == 5e-4  # its base variant's

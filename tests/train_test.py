@@ -221,4 +221,6 @@ def test_subspace_alignment_blocks_follow_the_delivery(tmp_path, capsys):
   config = tiny_config('ssa', dfa__delivery='full', train__stop_after_steps=1)
   s = train.train_and_evaluate(config, None)
   assert s['subspace_align_blocks'] == ['conv3', 'fc1']
-  assert "acts on ['conv3', 'fc1'] only" in capsys.readouterr().out
+  assert "skips the factored blocks ['conv1', 'conv2']" in capsys.readouterr().out
+  train.train_and_evaluate(tiny_config('ssa', train__stop_after_steps=1), None)
+  assert 'skips' not in capsys.readouterr().out  # channel broadcast: every block matches
