@@ -5,6 +5,7 @@ import json
 import os
 
 from configs import cifar10
+from lrdfa_jax.train import LOCAL_METHODS
 
 # variant name -> (config overrides, all seeds?)
 VARIANTS = {
@@ -72,7 +73,7 @@ def config_differences(have: dict, want: dict) -> list[str]:
   say what is logged or saved (``_MONITORING``).
   """
   out = []
-  backprop = want.get('dfa', {}).get('method') in ('bp', 'svd_bp')
+  backprop = want.get('dfa', {}).get('method') not in LOCAL_METHODS
   for section, fields in want.items():
     for field, value in fields.items():
       if (section, field) in _MONITORING or field not in have.get(section, {}):

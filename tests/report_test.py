@@ -88,9 +88,9 @@ def test_finished_runs_are_reused_only_with_their_config(tmp_path):
   bp_old.dfa.delivery = 'channel'  # backprop never reads it
   (tmp_path / 'summary.json').write_text(json.dumps({'config': json.loads(bp_old.to_json())}))
   assert variants.finished_summary(str(tmp_path), variants.config_for('bp', 0, 10))
+  bp = variants.config_for('bp', 0, 10)
+  bp.opt.lr = 3e-3
   with pytest.raises(ValueError, match='opt.lr'):
-    bp = variants.config_for('bp', 0, 10)
-    bp.opt.lr = 3e-3
     variants.finished_summary(str(tmp_path), bp)
 
 
