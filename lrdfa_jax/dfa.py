@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -31,7 +31,7 @@ from lrdfa_jax import layers, losses, models
 
 Array = jax.Array
 Forward = Callable[[Any], tuple[tuple[Array, dict[str, Array]], Any]]
-ALIGNMENTS = ('none', 'subspace', 'output', 'next')
+ALIGNMENTS = ('none', 'subspace', 'channel_subspace', 'output', 'next')
 
 
 def expand_signal(g_BxD: Array, tap_shape: tuple[int, ...], name: str = '') -> Array:
@@ -47,6 +47,11 @@ def expand_signal(g_BxD: Array, tap_shape: tuple[int, ...], name: str = '') -> A
                    f'neither the channels nor the size of its tap {tuple(tap_shape)}.')
 
 
+def tap_channels(taps: Mapping[str, Any]) -> dict[str, int]:
+  """Block name -> channel count of its tap, for the feature-map taps (arrays or shapes)."""
+  return {n: int(t.shape[-1]) for n, t in taps.items() if len(t.shape) > 2}
+
+
 def tap_widths(tap_shapes: dict[str, Any], mode: str = 'channel') -> dict[str, int]:
   """Feedback width per tap: channel count (signal broadcast over space) or full size."""
   if mode not in ('channel', 'full'):
@@ -55,34 +60,62 @@ def tap_widths(tap_shapes: dict[str, Any], mode: str = 'channel') -> dict[str, i
           for n, s in tap_shapes.items()}
 
 
-def subspace_alignment_loss(params: Any, feedback: fb.Feedback) -> Array:
+def subspace_alignment_loss(params: Any, feedback: fb.Feedback,
+                            channels: Mapping[str, int] | None = None) -> Array:
   """Σ over blocks of :func:`losses.alignment_subspace` for each block whose layer is factored.
 
   The block's layer is the one that writes tap ``name``: ``params[name]``, or for a block
-  that is a sub-module its last conv (:func:`lrdfa_jax.models.output_layer`).
+  that is a sub-module its last conv (:func:`lrdfa_jax.models.output_layer`). Its ``U diag(s)``
+  is compared with the block's ``P``, or, for a block named in ``channels`` whose ``P`` spans
+  a full feature map, with the map's channel directions (:func:`channel_marginal`).
   """
   total = jnp.zeros(())
-  for name in subspace_alignment_blocks(params, feedback):
+  for name in subspace_alignment_blocks(params, feedback, channels):
     layer = models.output_layer(params, name)
-    total = total + losses.alignment_subspace(layer['u'], layer['s'], feedback.block(name)['p'])
+    p = feedback.block(name)['p']
+    if layer['u'].shape[0] % p.shape[0]:  # a full map: compare channels with channels
+      p = channel_marginal(p, channels[name])
+    total = total + losses.alignment_subspace(layer['u'], layer['s'], p)
   return total
 
 
-def subspace_alignment_blocks(params: Any, feedback: fb.Feedback) -> list[str]:
+def subspace_alignment_blocks(params: Any, feedback: fb.Feedback,
+                              channels: Mapping[str, int] | None = None) -> list[str]:
   """The blocks :func:`subspace_alignment_loss` acts on.
 
   A block counts when its output layer is factored and its structured feedback's ``P`` has
   the layer's output width (or a divisor of it). With ``delivery='full'`` a conv block's
   ``P`` spans positions × channels, which U's channel directions cannot be compared with,
-  so only dense blocks (``fc1``) and conv blocks whose tap is 1×1 remain.
+  so only dense blocks (``fc1``) and conv blocks whose tap is 1×1 remain, unless
+  ``channels`` (block name -> its tap's channel count, ``align='channel_subspace'``) gives
+  the map's channels: then the block counts too, through :func:`channel_marginal`.
   """
   out = []
   for name in feedback.names:
     layer = models.output_layer(params, name)
     b = feedback.block(name)
-    if layers.is_svd_layer(layer) and 'p' in b and layer['u'].shape[0] % b['p'].shape[0] == 0:
+    if not layers.is_svd_layer(layer) or 'p' not in b:
+      continue
+    rows, d = layer['u'].shape[0], b['p'].shape[0]
+    c = (channels or {}).get(name)
+    if rows % d == 0 or (c and d % c == 0 and rows % c == 0):
       out.append(name)
   return out
+
+
+def channel_marginal(p_DxK: Array, channels: int) -> Array:
+  """The ``k`` channel directions a full-map feedback writes into most (orthonormal, ``[c, k]``).
+
+  ``P`` (``[positions·c, k]``, channels innermost as in a flattened NHWC map) is read as one
+  ``c × k`` slice per position; the result is the top-``k`` eigenvectors of
+  ``Σ_positions P_pos P_posᵀ``, the channel second moment of the signals the block receives.
+  For a random ``P`` with ``positions·k ≫ c`` that moment is close to isotropic (every channel
+  direction gets signal and the term has little to pull towards); with few positions it is not.
+  """
+  k = min(p_DxK.shape[1], channels)
+  per_pos = p_DxK.reshape(-1, channels, p_DxK.shape[1])
+  _, vecs = jnp.linalg.eigh(jnp.einsum('nck,ndk->cd', per_pos, per_pos))
+  return vecs[:, ::-1][:, :k]  # eigh sorts ascending
 
 
 def next_alignment_loss(params: Any, feedback: fb.Feedback, order: Sequence[str],
@@ -120,6 +153,8 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
       a zero signal).
     labels_B: integer labels.
     align: ``'none'``, ``'subspace'`` (param term, :func:`subspace_alignment_loss`),
+      ``'channel_subspace'`` (the same, with full-map conv blocks compared by channel,
+      :func:`channel_marginal`),
       ``'output'`` (``1 − cos(h_i, −g_i)`` on each tap, added to the tap's cotangent) or
       ``'next'`` (param term on the reading layer, :func:`next_alignment_loss`).
     align_weight: weight of the alignment term.
@@ -152,11 +187,14 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
       align_loss = align_loss + a
     cotangents[name] = cot.astype(h.dtype)
   (updates,) = vjp_fn(((err_BxC / batch).astype(logits.dtype), cotangents))
-  if align in ('subspace', 'next') and align_weight:
+  if align in ('subspace', 'channel_subspace', 'next') and align_weight:
     if align == 'next' and not tap_order:
       raise ValueError("align='next' needs tap_order, the taps in forward order.")
-    term = (subspace_alignment_loss if align == 'subspace' else
-            functools.partial(next_alignment_loss, order=tuple(tap_order)))
+    if align == 'next':
+      term = functools.partial(next_alignment_loss, order=tuple(tap_order))
+    else:
+      term = functools.partial(subspace_alignment_loss,
+                               channels=tap_channels(taps) if align == 'channel_subspace' else None)
     align_loss, da = jax.value_and_grad(term)(params, feedback)
     updates = jax.tree.map(lambda u, d: u + align_weight * d, updates, da)
   aux = {'loss': losses.cross_entropy(logits, labels_B), 'logits': logits, 'extra': extra,

@@ -210,18 +210,23 @@ def build_feedback(config, key, params, tap_shapes, num_classes) -> fb.Feedback:
                           ranks=ranks, scale=d.feedback_scale)
 
 
-def tap_order(model, image_shape) -> tuple[str, ...]:
-  """The model's tap names in forward order (pytrees sort dict keys; this does not)."""
-  order: list[str] = []
+def tap_shapes(model, image_shape) -> dict[str, jax.ShapeDtypeStruct]:
+  """The model's taps as shapes (batch 1), in forward order (pytrees sort dict keys; this does not)."""
+  order: dict[str, Any] = {}
   x = jnp.zeros((1, *image_shape), jnp.float32)
 
   def taps(x):
     variables = model.init(jax.random.key(0), x, train=False)
     out = model.apply(variables, x, train=False)[1]
-    order.extend(out)  # recorded while tracing, before the output is flattened
+    order.update((n, None) for n in out)  # recorded while tracing, before the output is flattened
     return out
-  jax.eval_shape(taps, x)
-  return tuple(order)
+  shapes = jax.eval_shape(taps, x)
+  return {n: shapes[n] for n in order}
+
+
+def tap_order(model, image_shape) -> tuple[str, ...]:
+  """The model's tap names in forward order."""
+  return tuple(tap_shapes(model, image_shape))
 
 
 def create_train_state(config, model, tx, image_shape, num_classes, key) -> TrainState:
@@ -435,16 +440,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                    tap_order=tap_order(model, info['image_shape']) if config.dfa.align == 'next'
                    else ())
   aligned = None
-  if cfg.method in LOCAL_METHODS and cfg.method in FACTORED_METHODS and cfg.align == 'subspace' \
-      and cfg.align_weight:
-    aligned = dfa.subspace_alignment_blocks(state.params, state.feedback)
+  if cfg.method in LOCAL_METHODS and cfg.method in FACTORED_METHODS and cfg.align_weight \
+      and cfg.align in ('subspace', 'channel_subspace'):
+    channels = (dfa.tap_channels(tap_shapes(model, info['image_shape']))
+                if cfg.align == 'channel_subspace' else None)
+    aligned = dfa.subspace_alignment_blocks(state.params, state.feedback, channels)
     skipped = [n for n in state.feedback.names if n not in aligned
                and layers.is_svd_layer(models.output_layer(state.params, n))]
     if skipped:
-      print(f"dfa.align='subspace' skips the factored blocks {skipped}: their feedback "
+      print(f"dfa.align={cfg.align!r} skips the factored blocks {skipped}: their feedback "
             f"(dfa.delivery={config.dfa.delivery!r}) is wider than the layer's output factor U "
             f"(full feature-map feedback spans positions × channels). It acts on "
-            f"{aligned or 'no block'}; dfa.align='output' acts on every block.")
+            f"{aligned or 'no block'}; dfa.align='channel_subspace' compares such blocks by "
+            "channel, dfa.align='output' acts on every block.")
   state = jax.device_put(state, NamedSharding(mesh, P()))
   train_fn, eval_fn, angle_fn = make_steps(cfg, mesh, state)
 

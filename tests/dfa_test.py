@@ -103,14 +103,20 @@ def test_dfa_step_has_fewer_convolutions_than_bp():
   assert n_bp == 8, n_bp
 
 
-@pytest.mark.parametrize('align', ['subspace', 'output'])
-def test_alignment_terms_change_only_their_share(align):
+def _factored_small_conv(**conv_kwargs):
+  """A tiny SmallConv with rank-2 factored layers: model, x [2, 8, 8, 3], y, params, taps."""
   model = models.SmallConv(num_classes=C, widths=(4, 6, 8), hidden=16,
-                           conv=functools.partial(layers.SVDConv, rank=2),
+                           conv=functools.partial(layers.SVDConv, rank=2, **conv_kwargs),
                            dense=functools.partial(layers.SVDDense, rank=2))
   x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3)); y = jnp.array([0, 2])
   params = model.init(jax.random.key(0), x)['params']
   taps = jax.eval_shape(lambda p: model.apply({'params': p}, x)[1], params)
+  return model, x, y, params, taps
+
+
+@pytest.mark.parametrize('align', ['subspace', 'output'])
+def test_alignment_terms_change_only_their_share(align):
+  model, x, y, params, taps = _factored_small_conv()
   feedback = fb.init_feedback(jax.random.key(1), dfa.tap_widths(taps), C, ranks=2)
   fwd = _forward(model, x, True)
   base, _ = dfa.local_grads(fwd, params, feedback, y)
@@ -126,12 +132,7 @@ def test_alignment_terms_change_only_their_share(align):
 
 def test_next_layer_alignment_reads_feedback_subspace():
   """align='next' pulls each reading layer's V diag(s) into span(P) of the block it reads."""
-  model = models.SmallConv(num_classes=C, widths=(4, 6, 8), hidden=16,
-                           conv=functools.partial(layers.SVDConv, rank=2, split='channel'),
-                           dense=functools.partial(layers.SVDDense, rank=2))
-  x = jax.random.normal(jax.random.key(3), (2, 8, 8, 3)); y = jnp.array([0, 2])
-  params = model.init(jax.random.key(0), x)['params']
-  taps = jax.eval_shape(lambda p: model.apply({'params': p}, x)[1], params)
+  model, x, y, params, taps = _factored_small_conv(split='channel')
   feedback = fb.init_feedback(jax.random.key(1), dfa.tap_widths(taps), C, ranks=2)
   order = ('conv1', 'conv2', 'conv3', 'fc1')
   # NumPy reference: reader rows are (position, channel), channel fastest
@@ -171,3 +172,45 @@ def test_update_angles():
   ang = dfa.update_angles(a, b)
   np.testing.assert_allclose(ang['l'], 90.0, atol=1e-4)
   np.testing.assert_allclose(ang['m'], 0.0, atol=1e-2)
+
+
+def test_channel_marginal_recovers_the_channel_factor_of_a_kronecker_feedback():
+  """P = a ⊗ Pc (one spatial profile times channel directions): the marginal spans Pc."""
+  k = jax.random.split(jax.random.key(5), 2)
+  a = jax.random.normal(k[0], (9,)); a = a / jnp.linalg.norm(a)          # 3×3 positions
+  pc = fb._orthonormal(k[1], 7, 3)                                        # 7 channels, k = 3
+  p = jnp.kron(a[:, None], pc)                                            # [positions·c, k], NHWC
+  np.testing.assert_allclose(p.T @ p, np.eye(3), atol=1e-5)
+  basis = dfa.channel_marginal(p, 7)
+  assert basis.shape == (7, 3)
+  np.testing.assert_allclose(basis.T @ basis, np.eye(3), atol=1e-5)
+  np.testing.assert_allclose(basis @ basis.T, pc @ pc.T, atol=1e-5)      # same span
+  # a full map that reaches one channel direction only: U there has no energy outside
+  u = pc[:, :2]
+  assert float(losses.alignment_subspace(u, jnp.ones(2), basis)) < 1e-8
+  assert float(losses.alignment_subspace(u, jnp.ones(2), fb._orthonormal(k[0], 7, 3))) > 0.05
+
+
+def test_channel_subspace_aligns_full_map_conv_blocks_by_channel():
+  """With full-map feedback 'subspace' skips the conv blocks; 'channel_subspace' reaches them."""
+  model, x, y, params, taps = _factored_small_conv()
+  channels = dfa.tap_channels(taps)
+  assert channels == {'conv1': 4, 'conv2': 6, 'conv3': 8}
+  fwd = _forward(model, x, True)
+  for delivery, subspace_blocks in (('channel', ['conv1', 'conv2', 'conv3', 'fc1']),
+                                    ('full', ['conv3', 'fc1'])):
+    feedback = fb.init_feedback(jax.random.key(1), dfa.tap_widths(taps, delivery), C, ranks=2)
+    assert dfa.subspace_alignment_blocks(params, feedback) == subspace_blocks
+    assert dfa.subspace_alignment_blocks(params, feedback, channels) == \
+        ['conv1', 'conv2', 'conv3', 'fc1']
+    sub, _ = dfa.local_grads(fwd, params, feedback, y, align='subspace', align_weight=0.5)
+    chan, aux = dfa.local_grads(fwd, params, feedback, y, align='channel_subspace',
+                                align_weight=0.5)
+    assert float(aux['align_loss']) > 0
+    for name in ('conv3', 'fc1', 'head'):  # blocks both forms treat alike (conv3's tap is 1×1)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                   chan[name], sub[name])
+    for name in ('conv1', 'conv2'):
+      same = all(np.allclose(chan[name][f], sub[name][f], rtol=1e-5, atol=1e-7)
+                 for f in ('u', 's'))
+      assert same == (delivery == 'channel'), (delivery, name)

@@ -210,7 +210,8 @@ def test_small_conv_taps_before_or_after_the_pool():
 
 
 def test_subspace_alignment_blocks_follow_the_delivery(tmp_path, capsys):
-  """Full-map feedback leaves the subspace term only the dense block; the run says so."""
+  """Full-map feedback leaves the subspace term only the dense block (and 1×1 maps); the run
+  says so. 'channel_subspace' compares the conv blocks by channel and reaches all of them."""
   acting = {}
   for delivery in ('channel', 'full'):
     config = tiny_config('ssa', dfa__delivery=delivery)
@@ -224,3 +225,7 @@ def test_subspace_alignment_blocks_follow_the_delivery(tmp_path, capsys):
   assert "skips the factored blocks ['conv1', 'conv2']" in capsys.readouterr().out
   train.train_and_evaluate(tiny_config('ssa', train__stop_after_steps=1), None)
   assert 'skips' not in capsys.readouterr().out  # channel broadcast: every block matches
+  s = train.train_and_evaluate(tiny_config('ssa', dfa__delivery='full', train__stop_after_steps=1,
+                                           dfa__align='channel_subspace'), None)
+  assert s['subspace_align_blocks'] == ['conv1', 'conv2', 'conv3', 'fc1']
+  assert 'skips' not in capsys.readouterr().out
