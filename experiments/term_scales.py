@@ -6,8 +6,13 @@
 Restores the run's last checkpoint, takes one training batch (seed 0, epoch 0) and writes, for
 every factored layer and each of ``u``, ``s``, ``v``: the Frobenius norm of the DFA update, of
 the backprop gradient, of ``orth_weight ·`` the orthogonality gradient and of ``align_weight ·``
-the subspace-alignment gradient, with the run's weights. Adam rescales the sum per coordinate,
-so a term whose norm is orders of magnitude below the DFA update barely moves the factors.
+the subspace-alignment gradient, with the run's weights (``channel_subspace`` runs: that form,
+which also reaches full-map conv blocks; other runs: ``subspace``). Adam rescales the sum per
+coordinate, so a term whose norm is orders of magnitude below the DFA update barely moves the
+factors. For each block with full-map structured feedback it also writes ``channel_top_k``:
+the share of the feedback's channel second moment in its top ``k`` directions (the subspace
+``channel_subspace`` aligns with), next to ``k / channels``, the share of any ``k`` directions
+when the moment is isotropic.
 """
 from __future__ import annotations
 
@@ -43,9 +48,13 @@ def term_scales(run: str) -> dict:
   svd = {k: v for k, v in state.params.items() if layers.is_svd_layer(v)}
   orth = jax.grad(lambda p: sum(losses.orthogonality(p[k]['u'], p[k]['v']) for k in svd))(
       state.params)
-  align = jax.grad(dfa.subspace_alignment_loss)(state.params, state.feedback)
+  channels = dfa.tap_channels(train.tap_shapes(train.build_model(config, info['num_classes']),
+                                              info['image_shape']))
+  align = jax.grad(dfa.subspace_alignment_loss)(
+      state.params, state.feedback, channels if d.align == 'channel_subspace' else None)
   out = {'run': run, 'step': int(state.step), 'orth_weight': d.orth_weight,
-         'align_weight': d.align_weight, 'layers': {}}
+         'align_weight': d.align_weight, 'align': d.align, 'layers': {},
+         'channel_top_k': channel_top_k(state.feedback, channels)}
   for k in svd:
     out['layers'][k] = {
         f: {'dfa': float(jnp.linalg.norm(local[k][f])), 'bp': float(jnp.linalg.norm(bp[k][f])),
@@ -53,6 +62,20 @@ def term_scales(run: str) -> dict:
             'align': d.align_weight * float(jnp.linalg.norm(align[k][f]))}
         for f in ('u', 's', 'v')}
     out['layers'][k]['orth_error'] = float(losses.orthogonality(svd[k]['u'], svd[k]['v']))
+  return out
+
+
+def channel_top_k(feedback, channels: dict[str, int]) -> dict[str, dict[str, float]]:
+  """Per full-map block: the top-k share of the feedback's channel moment, and k / channels."""
+  out = {}
+  for name, c in channels.items():
+    p = feedback.block(name).get('p')
+    if p is None or p.shape[0] == c:  # dense feedback, or one value per channel
+      continue
+    moment = jnp.linalg.eigvalsh(dfa.channel_moment(p, c))[::-1]
+    k = min(p.shape[1], c)
+    out[name] = {'top_k_share': float(moment[:k].sum() / moment.sum()), 'isotropic': k / c,
+                 'k': k, 'channels': c}
   return out
 
 
@@ -66,6 +89,9 @@ def main(argv):
   for k, v in out['layers'].items():
     for f in ('u', 's', 'v'):
       print(f'{k}/{f}: ' + '  '.join(f'{t} {v[f][t]:.2e}' for t in ('dfa', 'bp', 'orth', 'align')))
+  for k, v in out['channel_top_k'].items():
+    print(f'{k}: top-{v["k"]} share of the feedback channel moment {v["top_k_share"]:.3f} '
+          f'(isotropic {v["isotropic"]:.3f})')
 
 
 if __name__ == '__main__':

@@ -112,10 +112,14 @@ def channel_marginal(p_DxK: Array, channels: int) -> Array:
   For a random ``P`` with ``positions·k ≫ c`` that moment is close to isotropic (every channel
   direction gets signal and the term has little to pull towards); with few positions it is not.
   """
-  k = min(p_DxK.shape[1], channels)
+  _, vecs = jnp.linalg.eigh(channel_moment(p_DxK, channels))
+  return vecs[:, ::-1][:, :min(p_DxK.shape[1], channels)]  # eigh sorts ascending
+
+
+def channel_moment(p_DxK: Array, channels: int) -> Array:
+  """``Σ_positions P_pos P_posᵀ`` (``[c, c]``) of a full-map ``P`` with channels innermost."""
   per_pos = p_DxK.reshape(-1, channels, p_DxK.shape[1])
-  _, vecs = jnp.linalg.eigh(jnp.einsum('nck,ndk->cd', per_pos, per_pos))
-  return vecs[:, ::-1][:, :k]  # eigh sorts ascending
+  return jnp.einsum('nck,ndk->cd', per_pos, per_pos)
 
 
 def next_alignment_loss(params: Any, feedback: fb.Feedback, order: Sequence[str],

@@ -121,14 +121,24 @@ def test_tuning_choice_and_overrides(tmp_path):
     tune.parse_set(['rank=0.5'])
 
 
-def test_term_scales_on_a_finished_run(tmp_path):
+@pytest.mark.parametrize('delivery,align', [('channel', 'subspace'), ('full', 'subspace'),
+                                             ('full', 'channel_subspace')])
+def test_term_scales_on_a_finished_run(tmp_path, delivery, align):
   from experiments import term_scales
   run = str(tmp_path / 'ssa')
-  train.train_and_evaluate(tiny_config('ssa', train__epochs=1), run)
+  train.train_and_evaluate(tiny_config('ssa', train__epochs=1, dfa__delivery=delivery,
+                                       dfa__align=align), run)
   out = term_scales.term_scales(run)
   assert out['step'] == 8  # tiny_config factors every layer
   assert set(out['layers']) == {'conv1', 'conv2', 'conv3', 'fc1', 'head'}
+  # 8×8 images: conv3's tap is 1×1, so only conv1 and conv2 get full maps wider than channels
+  aligned = {'conv1', 'conv2', 'conv3', 'fc1'} if (delivery, align) != ('full', 'subspace') \
+      else {'conv3', 'fc1'}
   for k, v in out['layers'].items():
     assert v['u']['dfa'] > 0 and v['u']['bp'] > 0 and v['orth_error'] >= 0
     assert v['s']['orth'] == 0.0 and v['v']['align'] == 0.0  # terms touch only their factors
-    assert (v['u']['align'] > 0) == (k != 'head')  # the head has no feedback
+    assert (v['u']['align'] > 0) == (k in aligned)  # the head has no feedback
+  shares = out['channel_top_k']
+  assert set(shares) == (set() if delivery == 'channel' else {'conv1', 'conv2'})
+  for v in shares.values():  # the top k directions hold at least their isotropic share
+    assert v['isotropic'] - 1e-6 <= v['top_k_share'] <= 1 + 1e-6
