@@ -4,10 +4,10 @@
   (--results is experiments.report's flag; default here results/cifar10_small_conv)
   python -m experiments.protocol ... --only=bp,ssa --seeds=0,1,2 --epochs=10
 
-Runs (skipping those already finished in ``--rundir``; interrupted ones resume): ``bp``
-and ``ssa`` for every seed, ``svd_bp``, ``dfa``, ``ssa`` without alignment and ``ssa``
-without orthogonality for the first seed; then the feedback-delivery ablation: ``ssa`` for
-every seed, and ``dfa`` and both ``ssa`` ablations for the first seed, with channel-broadcast
+Runs (skipping those already finished in ``--rundir``; interrupted ones resume): ``bp``,
+``ssa``, ``dfa``, ``ssa`` without alignment and ``ssa`` without orthogonality for every seed,
+``svd_bp`` for the first; then the feedback-delivery ablation: ``ssa`` for every seed, and
+``dfa`` and both ``ssa`` ablations for the first seed, with channel-broadcast
 feedback instead of configs/cifar10.py's full feature maps. All share configs/cifar10.py
 (augmentation, optimizer, schedule, batch size, epochs); only the method fields differ, and the learning
 rate, which is each variant's choice in ``--tuning`` (experiments.tune, held-out slice; the
@@ -26,7 +26,8 @@ from experiments.variants import VARIANTS, chosen_lr, config_for, finished_summa
 from lrdfa_jax import train
 
 _RUNDIR = flags.DEFINE_string('rundir', 'runs/protocol', 'Where the runs live.')
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds for bp and ssa.')
+_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'],
+                            'Seeds for the all-seed variants; the others run the first.')
 _EPOCHS = flags.DEFINE_integer('epochs', 10, 'Epochs for every run.')
 _ONLY = flags.DEFINE_list('only', None, 'Run only these variants (experiments/variants.py).')
 _TUNING = flags.DEFINE_string('tuning', 'results/cifar10_small_conv/tuning.json',

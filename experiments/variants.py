@@ -12,9 +12,9 @@ VARIANTS = {
     'bp': ({'dfa.method': 'bp'}, True),
     'ssa': ({'dfa.method': 'ssa'}, True),
     'svd_bp': ({'dfa.method': 'svd_bp'}, False),
-    'dfa': ({'dfa.method': 'dfa'}, False),
-    'ssa_noalign': ({'dfa.method': 'ssa', 'dfa.align': 'none'}, False),
-    'ssa_noorth': ({'dfa.method': 'ssa', 'dfa.orth_weight': 0.0}, False),
+    'dfa': ({'dfa.method': 'dfa'}, True),
+    'ssa_noalign': ({'dfa.method': 'ssa', 'dfa.align': 'none'}, True),
+    'ssa_noorth': ({'dfa.method': 'ssa', 'dfa.orth_weight': 0.0}, True),
     # the feedback delivery ablation: channel broadcast (the DESIGN default, used by
     # configs/default.py) instead of cifar10.py's full feature-map feedback
     'ssa_channel': ({'dfa.method': 'ssa', 'dfa.delivery': 'channel'}, True),
