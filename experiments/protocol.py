@@ -5,8 +5,8 @@
   python -m experiments.protocol ... --only=bp,ssa --seeds=0,1,2 --epochs=10
 
 Runs (skipping those already finished in ``--rundir``; interrupted ones resume): ``bp``,
-``ssa``, ``dfa``, ``ssa`` without alignment and ``ssa`` without orthogonality for every seed,
-``svd_bp`` for the first; then the feedback-delivery ablation: ``ssa`` for every seed, and
+``svd_bp``, ``ssa``, ``dfa``, ``ssa`` without alignment and ``ssa`` without orthogonality for
+every seed; then the feedback-delivery ablation: ``ssa`` for every seed, and
 ``dfa`` and both ``ssa`` ablations for the first seed, with channel-broadcast
 feedback instead of configs/cifar10.py's full feature maps. All share configs/cifar10.py
 (augmentation, optimizer, schedule, batch size, epochs); only the method fields differ, and the learning

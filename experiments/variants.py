@@ -11,7 +11,7 @@ from lrdfa_jax.train import LOCAL_METHODS
 VARIANTS = {
     'bp': ({'dfa.method': 'bp'}, True),
     'ssa': ({'dfa.method': 'ssa'}, True),
-    'svd_bp': ({'dfa.method': 'svd_bp'}, False),
+    'svd_bp': ({'dfa.method': 'svd_bp'}, True),
     'dfa': ({'dfa.method': 'dfa'}, True),
     'ssa_noalign': ({'dfa.method': 'ssa', 'dfa.align': 'none'}, True),
     'ssa_noorth': ({'dfa.method': 'ssa', 'dfa.orth_weight': 0.0}, True),
