@@ -73,7 +73,7 @@ def subspace_alignment_loss(params: Any, feedback: fb.Feedback,
   for name in subspace_alignment_blocks(params, feedback, channels):
     layer = models.output_layer(params, name)
     p = feedback.block(name)['p']
-    if layer['u'].shape[0] % p.shape[0]:  # a full map: compare channels with channels
+    if _by_channel(p.shape, (channels or {}).get(name)):
       p = channel_marginal(p, channels[name])
     total = total + losses.alignment_subspace(layer['u'], layer['s'], p)
   return total
@@ -88,7 +88,9 @@ def subspace_alignment_blocks(params: Any, feedback: fb.Feedback,
   ``P`` spans positions × channels, which U's channel directions cannot be compared with,
   so only dense blocks (``fc1``) and conv blocks whose tap is 1×1 remain, unless
   ``channels`` (block name -> its tap's channel count, ``align='channel_subspace'``) gives
-  the map's channels: then the block counts too, through :func:`channel_marginal`.
+  the map's channels: then a full-map block whose ``k`` is below its channel count counts
+  too, through :func:`channel_marginal` (with ``k ≥ c`` every channel direction would be
+  "aligned" and the term would be 0).
   """
   out = []
   for name in feedback.names:
@@ -96,11 +98,16 @@ def subspace_alignment_blocks(params: Any, feedback: fb.Feedback,
     b = feedback.block(name)
     if not layers.is_svd_layer(layer) or 'p' not in b:
       continue
-    rows, d = layer['u'].shape[0], b['p'].shape[0]
-    c = (channels or {}).get(name)
-    if rows % d == 0 or (c and d % c == 0 and rows % c == 0):
+    rows, c = layer['u'].shape[0], (channels or {}).get(name)
+    if (rows % c == 0 and b['p'].shape[1] < c) if _by_channel(b['p'].shape, c) \
+        else rows % b['p'].shape[0] == 0:
       out.append(name)
   return out
+
+
+def _by_channel(p_shape: tuple[int, ...], channels: int | None) -> bool:
+  """Whether a block's ``P`` is a full map to compare by channel (its tap's channel count given)."""
+  return bool(channels) and p_shape[0] != channels and p_shape[0] % channels == 0
 
 
 def channel_marginal(p_DxK: Array, channels: int) -> Array:
@@ -111,6 +118,8 @@ def channel_marginal(p_DxK: Array, channels: int) -> Array:
   ``Σ_positions P_pos P_posᵀ``, the channel second moment of the signals the block receives.
   For a random ``P`` with ``positions·k ≫ c`` that moment is close to isotropic (every channel
   direction gets signal and the term has little to pull towards); with few positions it is not.
+  It is recomputed on every step (one ``c × c`` ``eigh`` per block): negligible on SmallConv,
+  not on wide nets, where the bases of the fixed feedback should be computed once.
   """
   _, vecs = jnp.linalg.eigh(channel_moment(p_DxK, channels))
   return vecs[:, ::-1][:, :min(p_DxK.shape[1], channels)]  # eigh sorts ascending

@@ -234,8 +234,8 @@ def create_train_state(config, model, tx, image_shape, num_classes, key) -> Trai
   x = jnp.zeros((1, *image_shape), jnp.float32)
   variables = model.init(k_init, x, train=False)
   params = variables['params']
-  tap_shapes = jax.eval_shape(lambda v: model.apply(v, x, train=False)[1], variables)
-  feedback = build_feedback(config, k_fb, params, tap_shapes, num_classes)
+  shapes = jax.eval_shape(lambda v: model.apply(v, x, train=False)[1], variables)
+  feedback = build_feedback(config, k_fb, params, shapes, num_classes)
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                            batch_stats=variables.get('batch_stats'), feedback=feedback)
 
@@ -448,11 +448,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     skipped = [n for n in state.feedback.names if n not in aligned
                and layers.is_svd_layer(models.output_layer(state.params, n))]
     if skipped:
-      print(f"dfa.align={cfg.align!r} skips the factored blocks {skipped}: their feedback "
-            f"(dfa.delivery={config.dfa.delivery!r}) is wider than the layer's output factor U "
-            f"(full feature-map feedback spans positions × channels). It acts on "
-            f"{aligned or 'no block'}; dfa.align='channel_subspace' compares such blocks by "
-            "channel, dfa.align='output' acts on every block.")
+      why = ('their feedback is dense (no subspace P)' if config.dfa.feedback == 'dense' else
+             "their feedback's P does not match the layer's output factor U" +
+             (' (full feature-map feedback spans positions × channels; '
+              "dfa.align='channel_subspace' compares such blocks by channel)"
+              if cfg.align == 'subspace' and config.dfa.delivery == 'full' else
+              ' or its k reaches every channel' if cfg.align == 'channel_subspace' else ''))
+      print(f'dfa.align={cfg.align!r} skips the factored blocks {skipped}: {why}. It acts on '
+            f"{aligned or 'no block'}; dfa.align='output' acts on every block.")
   state = jax.device_put(state, NamedSharding(mesh, P()))
   train_fn, eval_fn, angle_fn = make_steps(cfg, mesh, state)
 

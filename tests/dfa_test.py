@@ -214,3 +214,21 @@ def test_channel_subspace_aligns_full_map_conv_blocks_by_channel():
       same = all(np.allclose(chan[name][f], sub[name][f], rtol=1e-5, atol=1e-7)
                  for f in ('u', 's'))
       assert same == (delivery == 'channel'), (delivery, name)
+
+
+def test_channel_subspace_loss_matches_a_numpy_reference():
+  """Full maps: P's rows are (position, channel), channel fastest; top-k moment eigenvectors."""
+  _, _, _, params, taps = _factored_small_conv(split='channel')
+  feedback = fb.init_feedback(jax.random.key(1), dfa.tap_widths(taps, 'full'), C, ranks=2)
+  want = 0.0
+  for name in ('conv1', 'conv2', 'conv3', 'fc1'):
+    p = np.asarray(feedback.block(name)['p'])
+    a = np.asarray(params[name]['u']) * np.asarray(params[name]['s'])
+    c = a.shape[0]
+    if p.shape[0] != c:  # conv1 (4×4 map) and conv2 (2×2); conv3's map is 1×1
+      moment = sum(p[i * c:(i + 1) * c] @ p[i * c:(i + 1) * c].T for i in range(p.shape[0] // c))
+      w, vecs = np.linalg.eigh(moment)
+      p = vecs[:, np.argsort(w)[::-1][:p.shape[1]]]
+    want += np.sum((a - p @ (p.T @ a))**2) / np.sum(a**2)
+  got = dfa.subspace_alignment_loss(params, feedback, dfa.tap_channels(taps))
+  np.testing.assert_allclose(float(got), want, rtol=1e-4)
