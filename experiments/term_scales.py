@@ -70,7 +70,7 @@ def channel_top_k(feedback, channels: dict[str, int]) -> dict[str, dict[str, flo
   out = {}
   for name, c in channels.items():
     p = feedback.block(name).get('p')
-    if p is None or p.shape[0] == c:  # dense feedback, or one value per channel
+    if p is None or not dfa.is_full_map(p.shape, c):  # dense, or one value per channel
       continue
     moment = jnp.linalg.eigvalsh(dfa.channel_moment(p, c))[::-1]
     k = min(p.shape[1], c)

@@ -73,7 +73,7 @@ def subspace_alignment_loss(params: Any, feedback: fb.Feedback,
   for name in subspace_alignment_blocks(params, feedback, channels):
     layer = models.output_layer(params, name)
     p = feedback.block(name)['p']
-    if _by_channel(p.shape, (channels or {}).get(name)):
+    if is_full_map(p.shape, (channels or {}).get(name)):
       p = channel_marginal(p, channels[name])
     total = total + losses.alignment_subspace(layer['u'], layer['s'], p)
   return total
@@ -98,15 +98,18 @@ def subspace_alignment_blocks(params: Any, feedback: fb.Feedback,
     b = feedback.block(name)
     if not layers.is_svd_layer(layer) or 'p' not in b:
       continue
-    rows, c = layer['u'].shape[0], (channels or {}).get(name)
-    if (rows % c == 0 and b['p'].shape[1] < c) if _by_channel(b['p'].shape, c) \
-        else rows % b['p'].shape[0] == 0:
+    rows, (d, k), c = layer['u'].shape[0], b['p'].shape, (channels or {}).get(name)
+    if is_full_map(b['p'].shape, c):
+      acts = rows % c == 0 and k < c
+    else:
+      acts = rows % d == 0
+    if acts:
       out.append(name)
   return out
 
 
-def _by_channel(p_shape: tuple[int, ...], channels: int | None) -> bool:
-  """Whether a block's ``P`` is a full map to compare by channel (its tap's channel count given)."""
+def is_full_map(p_shape: tuple[int, ...], channels: int | None) -> bool:
+  """Whether a ``P`` of this shape spans a feature map of ``channels`` (None: not known)."""
   return bool(channels) and p_shape[0] != channels and p_shape[0] % channels == 0
 
 

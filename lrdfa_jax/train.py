@@ -448,12 +448,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     skipped = [n for n in state.feedback.names if n not in aligned
                and layers.is_svd_layer(models.output_layer(state.params, n))]
     if skipped:
-      why = ('their feedback is dense (no subspace P)' if config.dfa.feedback == 'dense' else
-             "their feedback's P does not match the layer's output factor U" +
-             (' (full feature-map feedback spans positions × channels; '
-              "dfa.align='channel_subspace' compares such blocks by channel)"
-              if cfg.align == 'subspace' and config.dfa.delivery == 'full' else
-              ' or its k reaches every channel' if cfg.align == 'channel_subspace' else ''))
+      why = "their feedback's P does not match the layer's output factor U"
+      if config.dfa.feedback == 'dense':
+        why = 'their feedback is dense (no subspace P)'
+      elif cfg.align == 'channel_subspace':
+        why += ' or its k reaches every channel'
+      elif config.dfa.delivery == 'full':
+        why += (' (full feature-map feedback spans positions × channels; '
+                "dfa.align='channel_subspace' compares such blocks by channel)")
       print(f'dfa.align={cfg.align!r} skips the factored blocks {skipped}: {why}. It acts on '
             f"{aligned or 'no block'}; dfa.align='output' acts on every block.")
   state = jax.device_put(state, NamedSharding(mesh, P()))
