@@ -235,10 +235,7 @@ def prepare_step(v: Variant, batch, mesh, image_shape, num_classes, dense_params
   tx, _ = train.build_tx(config, total_steps=1000)
   state = train.create_train_state(config, model, tx, image_shape, num_classes,
                                    jax.random.key(seed))
-  factored = v.method in train.FACTORED_METHODS
-  cfg = train.StepConfig(method=v.method, align=config.dfa.align,
-                         align_weight=float(config.dfa.align_weight),
-                         hoyer_weight=float(config.dfa.hoyer_weight) if factored else 0.0)
+  cfg = train.StepConfig.from_config(config, train.tap_order(model, image_shape))
   state = jax.device_put(state, NamedSharding(mesh, P()))
   train_fn = train.make_steps(cfg, mesh, state)[0]
   t0 = time.perf_counter()
@@ -250,7 +247,8 @@ def prepare_step(v: Variant, batch, mesh, image_shape, num_classes, dense_params
       'param_fraction': n_params / dense_params,
       'target_param_fraction': v.target_fraction,
       'rank': v.rank,
-      'layer_ranks': layer_ranks(jax.device_get(state.params)) if factored else {},
+      'layer_ranks': (layer_ranks(jax.device_get(state.params))
+                      if v.method in train.FACTORED_METHODS else {}),
       'trainable_params': n_params,
       'dense_params': dense_params,
       'param_bytes': tree_bytes(state.params),

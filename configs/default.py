@@ -43,6 +43,13 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   f.align_weight = 0.1
   f.orth_weight = 0.1        # ‖UᵀU−I‖²/r² + ‖VᵀV−I‖²/r², for factored methods
   f.hoyer_weight = 0.0       # ‖s‖₁/‖s‖₂ on singular values, for factored methods
+  f.signal = 'global'        # global (output error) | local (fixed readout per block) | mixed
+  f.signal_mix = 0.5         # mixed: the global error's share of the error sent to a block
+  f.readout_dim = 512        # local readout: conv taps avg-pooled to g×g, largest g with g²c ≤ this
+  f.readout_basis = 'sinusoidal'  # sinusoidal (LLS, as factors) | random (orthonormal P, Q)
+  f.readout_norm = True      # per-sample L2 normalisation of the pooled readout features
+  f.readout_temperature = 0.5
+  f.sim_weight = 0.0         # β of the similarity-matching term (Nøkland & Eidnes: 0.99)
 
   c.opt = o = ml_collections.ConfigDict()
   o.name = 'adam'            # adam | adamw | sgd

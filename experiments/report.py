@@ -27,7 +27,7 @@ RESULTS = flags.DEFINE_string('results', None, 'Folder of exported summaries to 
 def variant(summary: dict) -> str:
   """A short label: the method plus what differs from its defaults (for the ablation).
 
-  Only the dfa fields are read (method, align, orth_weight, delivery); runs that differ in
+  Only the dfa fields are read (method, align, orth_weight, delivery, signal, sim_weight); runs that differ in
   model or training settings share a label, so keep such runs in separate result folders.
   Channel-broadcast feedback is marked because configs/cifar10.py delivers full maps.
   """
@@ -40,8 +40,13 @@ def variant(summary: dict) -> str:
       label += f' ({d["align"]} align)'
     if not d['orth_weight']:
       label += ' −orth'
-  if d.get('delivery', 'channel') == 'channel' and label.split()[0] in ('dfa', 'ssa'):
+  signal = d.get('signal', 'global')
+  if signal != 'global':  # the readout replaces the feedback: its delivery does not apply
+    label += f' + {signal} error'
+  elif d.get('delivery', 'channel') == 'channel' and label.split()[0] in ('dfa', 'ssa'):
     label += ' (channel-broadcast feedback)'  # configs/cifar10.py delivers full feature maps
+  if d.get('sim_weight') and label.split()[0] in ('dfa', 'ssa'):
+    label += ' + sim'
   return label
 
 

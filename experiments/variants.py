@@ -23,6 +23,13 @@ VARIANTS = {
                             False),
     'ssa_channel_noorth': ({'dfa.method': 'ssa', 'dfa.delivery': 'channel',
                             'dfa.orth_weight': 0.0}, False),
+    # local error signals (lrdfa_jax.signals): each block's error from its fixed LLS-style
+    # readout instead of the output error; "+sim" adds the similarity term at β = 0.99
+    'ssa_local': ({'dfa.method': 'ssa', 'dfa.signal': 'local'}, True),
+    'dfa_local': ({'dfa.method': 'dfa', 'dfa.signal': 'local'}, True),
+    'ssa_local_sim': ({'dfa.method': 'ssa', 'dfa.signal': 'local', 'dfa.sim_weight': 0.99},
+                      False),
+    'ssa_mixed': ({'dfa.method': 'ssa', 'dfa.signal': 'mixed'}, False),
 }
 # an ablation's learning rate is its base variant's tuned one
 BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa',
@@ -57,7 +64,8 @@ def chosen_lr(path: str, variant: str) -> float | None:
 
 # fields backprop never reads: a bp/svd_bp run is the same run whatever they hold
 _BP_IGNORED = {'delivery', 'feedback', 'feedback_rank', 'feedback_scale', 'align',
-               'align_weight'}
+               'align_weight', 'signal', 'signal_mix', 'readout_dim', 'readout_basis',
+               'readout_norm', 'readout_temperature', 'sim_weight'}
 
 
 # fields that change what is logged or saved, not what is trained

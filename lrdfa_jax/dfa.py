@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from lrdfa_jax import feedback as fb
-from lrdfa_jax import layers, losses, models
+from lrdfa_jax import layers, losses, models, signals as sig
 
 Array = jax.Array
 Forward = Callable[[Any], tuple[tuple[Array, dict[str, Array]], Any]]
@@ -159,7 +159,9 @@ def next_alignment_loss(params: Any, feedback: fb.Feedback, order: Sequence[str]
 
 def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: Array, *,
                 align: str = 'none', align_weight: float = 0.0,
-                tap_order: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
+                tap_order: Sequence[str] = (), signal: str = 'global', signal_mix: float = 0.5,
+                readout_norm: bool = True, readout_temperature: float = 0.5,
+                sim_weight: float = 0.0) -> tuple[Any, dict[str, Any]]:
   """The DFA/SSA update: a pytree shaped like ``params`` to feed ``tx.update``.
 
   Args:
@@ -175,10 +177,21 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
       ``'next'`` (param term on the reading layer, :func:`next_alignment_loss`).
     align_weight: weight of the alignment term.
     tap_order: the tap names in forward order (``align='next'`` only).
+    signal: where each block's error comes from (:mod:`lrdfa_jax.signals`): ``'global'``
+      (``g_i = e F_iᵀ``), ``'local'`` (the block's fixed readout ``φ(h_i) F_i / T``; then
+      ``feedback`` holds the readouts, :func:`lrdfa_jax.signals.init_readout`) or ``'mixed'``
+      (``(1 − signal_mix) e_i + signal_mix e`` through the readout).
+    signal_mix: the global error's share under ``'mixed'``.
+    readout_norm, readout_temperature: ``φ``'s L2 normalisation and ``T`` (local/mixed).
+    sim_weight: ``β`` of the similarity-matching term: a tap's cotangent becomes
+      ``(1 − β) (its signal) + β ∂L_sim/∂h`` (:func:`lrdfa_jax.signals.similarity_loss`).
 
   Returns:
-    ``(updates, aux)``; ``aux`` holds ``loss`` (CE), ``logits``, ``extra`` and ``align_loss``.
+    ``(updates, aux)``; ``aux`` holds ``loss`` (CE), ``logits``, ``extra``, ``align_loss``
+    and ``local_loss`` (mean over blocks of the readouts' CE; 0 under the global signal).
   """
+  if signal not in sig.SIGNALS:
+    raise ValueError(f'signal must be one of {sig.SIGNALS}, got {signal!r}.')
   if align not in ALIGNMENTS:
     raise ValueError(f'align must be one of {ALIGNMENTS}, got {align!r}.')
   (logits, taps), vjp_fn, extra = jax.vjp(forward, params, has_aux=True)
@@ -188,17 +201,26 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
                      f'taps are {sorted(taps)}.')
   batch = logits.shape[0]
   err_BxC = losses.output_error(logits, labels_B)
-  signals = fb.project(feedback, err_BxC)
+  signals = fb.project(feedback, err_BxC) if signal == 'global' else {}
   align_loss = jnp.zeros(())
+  local_losses = []
   cotangents = {}
   for name, h in taps.items():
-    if name not in signals:
+    if name not in feedback.names:
       cotangents[name] = jnp.zeros_like(h)
       continue
-    g = expand_signal(signals[name], h.shape, name)
-    cot = g / batch
+    if signal == 'global':
+      cot = expand_signal(signals[name], h.shape, name) / batch
+    else:
+      cot, ce = sig.readout_cotangent(
+          h, feedback.block(name), labels_B, err_BxC, mix=signal_mix if signal == 'mixed' else 0.0,
+          norm=readout_norm, temperature=readout_temperature)
+      local_losses.append(ce)
+    if sim_weight:
+      sim = jax.grad(sig.similarity_loss)(h, labels_B, logits.shape[-1])
+      cot = (1.0 - sim_weight) * cot + sim_weight * sim
     if align == 'output' and align_weight:
-      a, da = jax.value_and_grad(losses.alignment_output)(h, g)
+      a, da = jax.value_and_grad(losses.alignment_output)(h, cot * batch)
       cot = cot + align_weight * da
       align_loss = align_loss + a
     cotangents[name] = cot.astype(h.dtype)
@@ -214,7 +236,8 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
     align_loss, da = jax.value_and_grad(term)(params, feedback)
     updates = jax.tree.map(lambda u, d: u + align_weight * d, updates, da)
   aux = {'loss': losses.cross_entropy(logits, labels_B), 'logits': logits, 'extra': extra,
-         'align_loss': align_loss}
+         'align_loss': align_loss,
+         'local_loss': sum(local_losses) / len(local_losses) if local_losses else jnp.zeros(())}
   return updates, aux
 
 
@@ -228,7 +251,8 @@ def bp_grads(forward: Forward, params: Any, labels_B: Array) -> tuple[Any, dict[
     return losses.cross_entropy(logits, labels_B), (logits, extra)
 
   (loss, (logits, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-  return grads, {'loss': loss, 'logits': logits, 'extra': extra, 'align_loss': jnp.zeros(())}
+  return grads, {'loss': loss, 'logits': logits, 'extra': extra, 'align_loss': jnp.zeros(()),
+                 'local_loss': jnp.zeros(())}
 
 
 def update_angles(a: Any, b: Any, eps: float = 1e-12) -> dict[str, Array]:

@@ -71,20 +71,31 @@ def init_feedback(key: Array, widths: Mapping[str, int], num_classes: int, *,
   """
   if kind not in KINDS:
     raise ValueError(f'feedback kind must be one of {KINDS}, got {kind!r}.')
-  groups: dict[str, dict[str, list[Array]]] = {}
-  index = []
+  blocks = {}
   keys = jax.random.split(key, max(len(widths), 1))
   for (name, d), k_block in zip(sorted(widths.items()), keys):
     if kind == 'dense':
-      gkey = f'dense_d{d}'
-      arrays = {'f': scale * jax.random.normal(k_block, (d, num_classes)) / jnp.sqrt(num_classes)}
+      blocks[name] = {'f': scale * jax.random.normal(k_block, (d, num_classes))
+                      / jnp.sqrt(num_classes)}
     else:
       k = ranks.get(name) if isinstance(ranks, Mapping) else ranks
       k = min(d, num_classes) if k is None else max(1, min(int(k), d, num_classes))
       kp, kq = jax.random.split(k_block)
-      gkey = f'structured_d{d}_k{k}'
-      arrays = {'p': _orthonormal(kp, d, k), 'sigma': jnp.full((k,), scale, jnp.float32),
-                'q': _orthonormal(kq, num_classes, k)}
+      blocks[name] = {'p': _orthonormal(kp, d, k), 'sigma': jnp.full((k,), scale, jnp.float32),
+                      'q': _orthonormal(kq, num_classes, k)}
+  return from_blocks(blocks)
+
+
+def from_blocks(blocks: Mapping[str, Mapping[str, Array]]) -> Feedback:
+  """Stacks per-block arrays (``{'f'}`` dense, or ``{'p', 'sigma', 'q'}``) by shape."""
+  groups: dict[str, dict[str, list[Array]]] = {}
+  index = []
+  for name in sorted(blocks):
+    arrays = blocks[name]
+    if 'f' in arrays:
+      gkey = f'dense_d{arrays["f"].shape[0]}'
+    else:
+      gkey = f'structured_d{arrays["p"].shape[0]}_k{arrays["p"].shape[1]}'
     group = groups.setdefault(gkey, {a: [] for a in arrays})
     index.append((name, gkey, len(group[next(iter(arrays))])))
     for a, x in arrays.items():

@@ -25,7 +25,7 @@ from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lrdfa_jax import data as data_lib
-from lrdfa_jax import dfa, feedback as fb, layers, losses, models, optim
+from lrdfa_jax import dfa, feedback as fb, layers, losses, models, optim, signals
 
 METHODS = ('bp', 'svd_bp', 'dfa', 'ssa')
 LOCAL_METHODS = ('dfa', 'ssa')
@@ -47,6 +47,25 @@ class StepConfig:
   align_weight: float = 0.0
   hoyer_weight: float = 0.0
   tap_order: tuple[str, ...] = ()  # forward order of the taps (align='next')
+  signal: str = 'global'           # global | local | mixed (lrdfa_jax.signals)
+  signal_mix: float = 0.5
+  readout_norm: bool = True
+  readout_temperature: float = 0.5
+  sim_weight: float = 0.0
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  tap_order: tuple[str, ...] = ()) -> 'StepConfig':
+    """The step of ``config`` (``tap_order``: the model's taps in forward order, for
+    ``align='next'``)."""
+    d = config.dfa
+    return cls(method=d.method, align=d.align, align_weight=float(d.align_weight),
+               hoyer_weight=float(d.hoyer_weight) if d.method in FACTORED_METHODS else 0.0,
+               tap_order=tuple(tap_order) if d.align == 'next' else (),
+               signal=d.get('signal', 'global'), signal_mix=float(d.get('signal_mix', 0.5)),
+               readout_norm=bool(d.get('readout_norm', True)),
+               readout_temperature=float(d.get('readout_temperature', 0.5)),
+               sim_weight=float(d.get('sim_weight', 0.0)))
 
 
 # ---------------------------------------------------------------------------------- steps
@@ -74,7 +93,10 @@ def compute_updates(cfg: StepConfig, state: TrainState, batch: dict[str, Any]):
   if local:
     grads, aux = dfa.local_grads(forward, state.params, state.feedback, batch['label'],
                                  align=cfg.align, align_weight=cfg.align_weight,
-                                 tap_order=cfg.tap_order)
+                                 tap_order=cfg.tap_order, signal=cfg.signal,
+                                 signal_mix=cfg.signal_mix, readout_norm=cfg.readout_norm,
+                                 readout_temperature=cfg.readout_temperature,
+                                 sim_weight=cfg.sim_weight)
   else:
     grads, aux = dfa.bp_grads(forward, state.params, batch['label'])
   if cfg.hoyer_weight:
@@ -95,6 +117,7 @@ def train_step(state: TrainState, batch: dict[str, Any], cfg: StepConfig):
       'accuracy': jnp.mean(jnp.argmax(aux['logits'], -1) == batch['label']),
       'update_norm': optax.global_norm(grads),
       'align_loss': aux['align_loss'],
+      'local_loss': aux['local_loss'],
   }
   return new_state, metrics
 
@@ -165,6 +188,16 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
                       f'use a multiple of {num_devices}.')
   if config.dfa.align not in dfa.ALIGNMENTS:
     raise ConfigError(f'unknown dfa.align {config.dfa.align!r}; choose one of {dfa.ALIGNMENTS}.')
+  d = config.dfa
+  if d.get('signal', 'global') not in signals.SIGNALS:
+    raise ConfigError(f'unknown dfa.signal {d.signal!r}; choose one of {signals.SIGNALS}.')
+  if d.get('readout_basis', 'sinusoidal') not in signals.BASES:
+    raise ConfigError(f'unknown dfa.readout_basis {d.readout_basis!r}; choose one of '
+                      f'{signals.BASES}.')
+  if not 0.0 <= d.get('signal_mix', 0.5) <= 1.0 or not 0.0 <= d.get('sim_weight', 0.0) <= 1.0:
+    raise ConfigError('dfa.signal_mix and dfa.sim_weight are shares: give values in [0, 1].')
+  if d.get('readout_temperature', 0.5) <= 0:
+    raise ConfigError('dfa.readout_temperature must be positive (LLS uses 0.5).')
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
@@ -206,6 +239,10 @@ def build_feedback(config, key, params, tap_shapes, num_classes) -> fb.Feedback:
     layer = models.output_layer(params, name)  # the layer that writes the tap
     k = layer['s'].shape[0] if layers.is_svd_layer(layer) else num_classes
     ranks[name] = min(k, d.feedback_rank) if d.feedback_rank else k
+  if d.get('signal', 'global') != 'global':  # the fixed local readouts are the feedback
+    return signals.init_readout(key, signals.readout_widths(tap_shapes, d.readout_dim),
+                                num_classes, basis=d.readout_basis, ranks=ranks,
+                                scale=d.feedback_scale)
   return fb.init_feedback(key, dfa.tap_widths(tap_shapes, d.delivery), num_classes, kind=kind,
                           ranks=ranks, scale=d.feedback_scale)
 
@@ -433,12 +470,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   state = create_train_state(config, model, tx, info['image_shape'], info['num_classes'],
                              jax.random.key(tc.seed))
   n_params = param_count(state.params)
-  cfg = StepConfig(method=config.dfa.method, align=config.dfa.align,
-                   align_weight=float(config.dfa.align_weight),
-                   hoyer_weight=float(config.dfa.hoyer_weight) if config.dfa.method in
-                   FACTORED_METHODS else 0.0,
-                   tap_order=tap_order(model, info['image_shape']) if config.dfa.align == 'next'
-                   else ())
+  cfg = StepConfig.from_config(
+      config, tap_order(model, info['image_shape']) if config.dfa.align == 'next' else ())
   aligned = None
   if cfg.method in LOCAL_METHODS and cfg.method in FACTORED_METHODS and cfg.align_weight \
       and cfg.align in ('subspace', 'channel_subspace'):
@@ -453,6 +486,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         why = 'their feedback is dense (no subspace P)'
       elif cfg.align == 'channel_subspace':
         why += ' or its k reaches every channel'
+      elif cfg.signal != 'global':
+        why += (" (a conv block's local readout spans pooled positions × channels; "
+                "dfa.align='channel_subspace' compares such blocks by channel)")
       elif config.dfa.delivery == 'full':
         why += (' (full feature-map feedback spans positions × channels; '
                 "dfa.align='channel_subspace' compares such blocks by channel)")

@@ -48,6 +48,10 @@ def test_variant_labels():
   assert report.variant(s) == 'ssa (channel-broadcast feedback)'
   s['config']['dfa'].update(delivery='full')
   assert report.variant(s) == 'ssa'
+  s['config']['dfa'].update(signal='local', delivery='channel')
+  assert report.variant(s) == 'ssa + local error'
+  s['config']['dfa'].update(sim_weight=0.99)
+  assert report.variant(s) == 'ssa + local error + sim'
   s['method'] = 'bp'
   assert report.variant(s) == 'bp'
 

@@ -38,8 +38,7 @@ def _setup(config, num_devices=1):
   tx, _ = train.build_tx(config, 1000)
   state = train.create_train_state(config, model, tx, info['image_shape'], info['num_classes'],
                                    jax.random.key(0))
-  cfg = train.StepConfig(method=config.dfa.method, align=config.dfa.align,
-                         align_weight=config.dfa.align_weight)
+  cfg = train.StepConfig.from_config(config)
   mesh = train.make_mesh(num_devices)
   state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return state, train.make_steps(cfg, mesh, state), mesh, info
@@ -68,6 +67,25 @@ def test_tiny_training_loop_drives_loss_down(method, model):
   jax.tree.map(np.testing.assert_array_equal, feedback0, jax.tree.map(np.asarray, state.feedback))
   if method in ('dfa', 'ssa'):
     assert feedback0.names
+
+
+@pytest.mark.parametrize('method,signal', [('ssa', 'local'), ('dfa', 'mixed')])
+def test_local_signal_training_drives_loss_down(method, signal):
+  config = tiny_config(method, dfa__signal=signal, dfa__readout_dim=32, dfa__sim_weight=0.5)
+  config.model.kwargs = {'widths': (8, 16, 16), 'hidden': 32}
+  state, (train_fn, _, _), mesh, info = _setup(config)
+  assert state.feedback.block('conv1')['p'].shape[0] == 2 * 2 * 8  # 4x4 tap pooled to 2x2
+  images, labels = data_lib.synthetic(num_train=256, image_shape=(8, 8, 3), num_classes=4)['train']
+  losses, local = [], []
+  for epoch in range(25):
+    for batch in data_lib.train_batches(images, labels, batch_size=32, seed=0, epoch=epoch,
+                                        augment=False, mean=info['mean'], std=info['std']):
+      state, m = train_fn(state, train.shard_batch(batch, mesh))
+      losses.append(float(m['loss']))
+      local.append(float(m['local_loss']))
+  assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8])
+  assert np.mean(local[-8:]) < np.mean(local[:8])  # the readouts' own CE falls too
+  assert train_fn._cache_size() == 1
 
 
 def test_sharded_step_equals_single_device():

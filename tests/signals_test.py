@@ -1,0 +1,162 @@
+"""Local error signals and the similarity term against hand-written references on tiny nets."""
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lrdfa_jax import dfa, feedback as fb, layers, losses, models, signals
+
+B, C = 6, 3
+
+
+def _softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+def _ref_cotangent(h, f, y, e_global, mix, temperature):
+  """By hand, for a dense tap: x̂ = h/|h|, z = x̂F/T, the error through Fᵀ, then the
+  normalisation's Jacobian (I − x̂x̂ᵀ)/|h|, all over B."""
+  h, f = np.asarray(h, np.float64), np.asarray(f, np.float64)
+  n = np.linalg.norm(h, axis=1, keepdims=True)
+  xh = h / n
+  e_local = _softmax(xh @ f / temperature) - np.eye(f.shape[1])[y]
+  e = (1 - mix) * e_local + mix * np.asarray(e_global, np.float64)
+  g = e @ f.T / (temperature * h.shape[0])
+  return (g - xh * np.sum(xh * g, 1, keepdims=True)) / n
+
+
+def test_readout_grid_matches_lls_smallconv():
+  # SmallConv taps after conv1/2/3 pools: LLS pools them to 4x4, 2x2, 2x2 (dim_in 512)
+  assert signals.readout_grid((1, 16, 16, 32), 512) == 4
+  assert signals.readout_grid((1, 8, 8, 64), 512) == 2
+  assert signals.readout_grid((1, 4, 4, 128), 512) == 2
+  assert signals.readout_grid((1, 2, 2, 256), 512) == 1  # never 0, even when one pixel is over
+  shapes = {'c': jax.ShapeDtypeStruct((1, 16, 16, 32), jnp.float32),
+            'd': jax.ShapeDtypeStruct((1, 40), jnp.float32)}
+  assert signals.readout_widths(shapes, 512) == {'c': 512, 'd': 40}
+
+
+def test_features_pool_flatten_normalise():
+  h = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  x = np.asarray(signals.features(h, 2 * 2 * 3, norm=False))
+  ref = np.asarray(h).reshape(2, 2, 4, 2, 4, 3).mean((2, 4)).reshape(2, -1)
+  np.testing.assert_allclose(x, ref, rtol=1e-6)
+  xn = np.asarray(signals.features(h, 12))
+  np.testing.assert_allclose(xn, ref / np.linalg.norm(ref, axis=1, keepdims=True), rtol=1e-5)
+  with pytest.raises(ValueError, match='fits no pool grid'):
+    signals.features(h, 5 * 3)
+
+
+@pytest.mark.parametrize('basis', signals.BASES)
+@pytest.mark.parametrize('mix', [0.0, 0.3])
+def test_readout_cotangent_equals_hand_rule(basis, mix):
+  k = jax.random.split(jax.random.key(1), 3)
+  h = jax.random.normal(k[0], (B, 7))
+  y = jax.random.randint(k[1], (B,), 0, C)
+  e_glob = jax.nn.softmax(jax.random.normal(k[2], (B, C))) - jax.nn.one_hot(y, C)
+  ro = signals.init_readout(jax.random.key(2), {'a': 7}, C, basis=basis)
+  block = ro.block('a')
+  cot, ce = signals.readout_cotangent(h, block, y, e_glob, mix=mix, temperature=0.5)
+  f = fb.dense_matrix(ro, 'a')
+  np.testing.assert_allclose(cot, _ref_cotangent(h, f, y, e_glob, mix, 0.5), rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(ce, signals.local_loss(h, block, y), rtol=1e-6)
+  if mix == 0:  # the local signal is the gradient of the block's own readout CE
+    np.testing.assert_allclose(cot, jax.grad(signals.local_loss)(h, block, y), rtol=1e-4,
+                               atol=1e-7)
+
+
+def test_readout_bases():
+  ro = signals.init_readout(jax.random.key(0), {'a': 64, 'b': 64, 'c': 32}, 10)
+  assert len(ro.groups) == 2  # stacked by shape, like the feedback
+  np.testing.assert_allclose(fb.dense_matrix(ro, 'a'), signals.sinusoidal_basis(64, 10).T,
+                             atol=1e-4)
+  rnd = signals.init_readout(jax.random.key(0), {'a': 64}, 10, basis='random')
+  f = np.asarray(fb.dense_matrix(rnd, 'a'))
+  # orthogonal columns with the norm of a sinusoid row, sqrt(d/2)
+  np.testing.assert_allclose(f.T @ f, 32.0 * np.eye(10), atol=1e-3)
+  np.testing.assert_allclose(np.linalg.norm(signals.sinusoidal_basis(64, 10), axis=1),
+                             np.sqrt(32.0), rtol=0.15)
+  with pytest.raises(ValueError, match='basis'):
+    signals.init_readout(jax.random.key(0), {'a': 4}, 3, basis='cosine')
+
+
+def _ref_similarity(x):
+  x = np.asarray(x, np.float64)
+  if x.ndim == 4:
+    x = x.reshape(x.shape[0], -1, x.shape[-1]).std(1, ddof=1)
+  xc = x - x.mean(1, keepdims=True)
+  xn = xc / (1e-8 + np.linalg.norm(xc, axis=1, keepdims=True))
+  return np.clip(xn @ xn.T, -1, 1)
+
+
+def test_similarity_matrix_and_loss():
+  h = jax.random.normal(jax.random.key(3), (5, 4, 4, 6))
+  np.testing.assert_allclose(signals.similarity_matrix(h), _ref_similarity(h), atol=1e-5)
+  y = jnp.array([0, 1, 0, 2, 1])
+  target = _ref_similarity(np.eye(3)[np.asarray(y)])
+  assert target[0, 2] == pytest.approx(1.0) and target[0, 1] == pytest.approx(-0.5)
+  want = np.mean((_ref_similarity(h) - target) ** 2)
+  np.testing.assert_allclose(signals.similarity_loss(h, y, 3), want, rtol=1e-5)
+
+
+def _mlp(svd):
+  dense = functools.partial(layers.SVDDense, rank=1.0) if svd else nn.Dense
+  model = models.MLP(features=(8, 8), num_classes=C, dense=dense, act=jnp.tanh)
+  k = jax.random.split(jax.random.key(4), 3)
+  x = jax.random.normal(k[0], (B, 5))
+  y = jax.random.randint(k[1], (B,), 0, C)
+  return model, x, y, model.init(k[2], x)['params']
+
+
+@pytest.mark.parametrize('svd', [False, True])
+@pytest.mark.parametrize('sim_weight', [0.0, 0.99])
+def test_local_signal_update_is_each_blocks_own_gradient(svd, sim_weight):
+  """Under signal='local' every hidden block's update is the gradient of its own readout loss
+  ((1−β) CE + β L_sim) with respect to its own params only; the head gets the exact CE."""
+  model, x, y, params = _mlp(svd)
+  readout = signals.init_readout(jax.random.key(5), {'dense1': 8, 'dense2': 8}, C)
+  forward = lambda p: (model.apply({'params': p}, x, local=True), None)  # noqa: E731
+  updates, aux = dfa.local_grads(forward, params, readout, y, signal='local',
+                                 sim_weight=sim_weight)
+  inputs = {'dense1': x, 'dense2': None}
+
+  def block_out(p, name, h_in):
+    if svd:
+      return jnp.tanh(((h_in @ p['v']) * p['s']) @ p['u'].T + p['bias'])
+    return jnp.tanh(h_in @ p['kernel'] + p['bias'])
+  _, taps = model.apply({'params': params}, x)
+  inputs['dense2'] = taps['dense1']
+  total = 0.0
+  for name in ('dense1', 'dense2'):
+    def loss(p, name=name):
+      h = block_out(p, name, inputs[name])
+      ce = signals.local_loss(h, readout.block(name), y)
+      return (1 - sim_weight) * ce + sim_weight * signals.similarity_loss(h, y, C)
+    want = jax.grad(loss)(params[name])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
+                 updates[name], want)
+    total += signals.local_loss(taps[name], readout.block(name), y)
+  head = jax.grad(lambda p: losses.cross_entropy(
+      model.apply({'params': {**params, 'head': p}}, x)[0], y))(params['head'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               updates['head'], head)
+  np.testing.assert_allclose(aux['local_loss'], total / 2, rtol=1e-5)
+
+
+def test_mixed_signal_interpolates_and_global_ignores_readout_fields():
+  model, x, y, params = _mlp(False)
+  readout = signals.init_readout(jax.random.key(5), {'dense1': 8, 'dense2': 8}, C)
+  forward = lambda p: (model.apply({'params': p}, x, local=True), None)  # noqa: E731
+  run = lambda **kw: dfa.local_grads(forward, params, readout, y, **kw)[0]  # noqa: E731
+  u0, u1 = run(signal='local'), run(signal='mixed', signal_mix=1.0)
+  um = run(signal='mixed', signal_mix=0.25)
+  # the cotangent, hence the update of a single-layer block, is affine in the mix
+  jax.tree.map(lambda a, b, m: np.testing.assert_allclose(m, 0.75 * a + 0.25 * b, rtol=1e-4,
+                                                          atol=1e-7), u0, u1, um)
+  assert not np.allclose(u0['dense1']['kernel'], u1['dense1']['kernel'])
+  with pytest.raises(ValueError, match='signal must be one of'):
+    run(signal='lokal')
