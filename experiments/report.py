@@ -40,7 +40,7 @@ def variant(summary: dict) -> str:
       label += f' ({d["align"]} align)'
     if not d['orth_weight']:
       label += ' −orth'
-  signal = d.get('signal', 'global')
+  signal = d.get('signal', 'global') if label.split()[0] in ('dfa', 'ssa') else 'global'
   if signal != 'global':  # the readout replaces the feedback: its delivery does not apply
     label += f' + {signal} error'
   elif d.get('delivery', 'channel') == 'channel' and label.split()[0] in ('dfa', 'ssa'):
