@@ -14,8 +14,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   m.rank = 0.25              # per-layer rank for svd_bp/ssa: int, or fraction of full rank
   m.overrides = 'conv1:dense,head:dense'  # 'layer:rank' or 'layer:dense', comma separated
   m.split = 'channel'        # conv factorisation: spatial (kh×1 then 1×kw) | channel (kh×kw then 1×1)
-  m.act = 'tanh'             # relu | tanh | gelu | silu (tanh trains better under DFA; DESIGN.md)
-  m.kwargs = ml_collections.ConfigDict()  # extra constructor args, e.g. widths=(8, 16, 32)
+  m.act = 'tanh'             # relu | tanh | gelu | silu | leaky_relu (tanh trains better under DFA)
+  m.kwargs = ml_collections.ConfigDict()  # extra constructor args, e.g. widths=(8, 16, 32);
+  #                           small_conv: norm='batch' (BN after each conv, the LLS SmallConv)
 
   c.data = d = ml_collections.ConfigDict()
   d.source = 'offline'       # offline (../shared/data or $LRDFA_DATA_DIR) | tfds | synthetic

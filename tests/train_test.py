@@ -69,12 +69,17 @@ def test_tiny_training_loop_drives_loss_down(method, model):
     assert feedback0.names
 
 
-@pytest.mark.parametrize('method,signal', [('ssa', 'local'), ('dfa', 'mixed')])
-def test_local_signal_training_drives_loss_down(method, signal):
+@pytest.mark.parametrize('method,signal,norm', [('ssa', 'local', 'none'),
+                                                ('dfa', 'mixed', 'batch')])
+def test_local_signal_training_drives_loss_down(method, signal, norm):
   config = tiny_config(method, dfa__signal=signal, dfa__readout_dim=32, dfa__sim_weight=0.5)
-  config.model.kwargs = {'widths': (8, 16, 16), 'hidden': 32}
+  config.model.kwargs = {'widths': (8, 16, 16), 'hidden': 32, 'norm': norm}
+  if norm == 'batch':
+    config.model.act = 'leaky_relu'
   state, (train_fn, _, _), mesh, info = _setup(config)
   assert state.feedback.block('conv1')['p'].shape[0] == 2 * 2 * 8  # 4x4 tap pooled to 2x2
+  assert bool(state.batch_stats) == (norm == 'batch')
+  stats0 = jax.tree.map(np.asarray, state.batch_stats)
   images, labels = data_lib.synthetic(num_train=256, image_shape=(8, 8, 3), num_classes=4)['train']
   losses, local = [], []
   for epoch in range(25):
@@ -86,6 +91,8 @@ def test_local_signal_training_drives_loss_down(method, signal):
   assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8])
   assert np.mean(local[-8:]) < np.mean(local[:8])  # the readouts' own CE falls too
   assert train_fn._cache_size() == 1
+  if norm == 'batch':  # the running statistics move with training
+    assert not np.allclose(stats0['conv1_bn']['mean'], state.batch_stats['conv1_bn']['mean'])
 
 
 def test_sharded_step_equals_single_device():

@@ -26,7 +26,8 @@ from lrdfa_jax import layers
 Array = jax.Array
 ModuleFn = Callable[..., nn.Module]
 
-ACTIVATIONS = {'relu': nn.relu, 'tanh': jnp.tanh, 'gelu': nn.gelu, 'silu': nn.silu}
+ACTIVATIONS = {'relu': nn.relu, 'tanh': jnp.tanh, 'gelu': nn.gelu, 'silu': nn.silu,
+               'leaky_relu': nn.leaky_relu}  # slope 0.01, PyTorch's default
 
 # The layer that writes a sub-module block's output, by local name, first present wins:
 # the bottleneck's conv3, the basic block's conv2, the depthwise-separable block's pw.

@@ -7,7 +7,7 @@ from typing import Callable
 import flax.linen as nn
 import jax
 
-from lrdfa_jax.models.common import ModuleFn, block_input, avg_pool_2x2, max_pool_2x2
+from lrdfa_jax.models.common import ModuleFn, avg_pool_2x2, batch_norm, block_input, max_pool_2x2
 
 Array = jax.Array
 
@@ -39,7 +39,9 @@ class SmallConv(nn.Module):
   ``tap='pooled'`` (default) taps each conv block after its pool, so feedback reaches the
   block at pooled resolution and flows back through the pool's argmax/average; ``'conv'`` taps
   the activation before the pool (4× the positions), and the pool then has no parameters
-  to train and only feeds the next block's (stop-gradient) input.
+  to train and only feeds the next block's (stop-gradient) input. ``norm='batch'`` puts a
+  BatchNorm between each conv and its activation (the LLS authors' SmallConv, with
+  ``act='leaky_relu'``); its statistics belong to the block.
   """
   num_classes: int = 10
   widths: Sequence[int] = (32, 64, 128)
@@ -48,18 +50,22 @@ class SmallConv(nn.Module):
   dense: ModuleFn = nn.Dense
   act: Callable[[Array], Array] = nn.relu
   tap: str = 'pooled'
+  norm: str = 'none'
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False, local: bool = False):
-    del train
     if self.tap not in ('pooled', 'conv'):
       raise ValueError(f"SmallConv tap must be 'pooled' or 'conv', got {self.tap!r}.")
+    if self.norm not in ('none', 'batch'):
+      raise ValueError(f"SmallConv norm must be 'none' or 'batch', got {self.norm!r}.")
     taps = {}
     h = x
     for i, w in enumerate(self.widths, start=1):
       name = f'conv{i}'
-      h = self.act(self.conv(w, (3, 3), strides=(1, 1), padding='SAME', name=name)(
-          block_input(h, local)))
+      h = self.conv(w, (3, 3), strides=(1, 1), padding='SAME', name=name)(block_input(h, local))
+      if self.norm == 'batch':
+        h = batch_norm(train, f'{name}_bn')(h)
+      h = self.act(h)
       if self.tap == 'conv':
         taps[name] = h
       h = max_pool_2x2(h) if i < len(self.widths) else avg_pool_2x2(h)
