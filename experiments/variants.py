@@ -30,6 +30,9 @@ VARIANTS = {
     'ssa_local_sim': ({'dfa.method': 'ssa', 'dfa.signal': 'local', 'dfa.sim_weight': 0.99},
                       False),
     'ssa_mixed': ({'dfa.method': 'ssa', 'dfa.signal': 'mixed'}, False),
+    # the LLS authors' SmallConv: BatchNorm after each conv, LeakyReLU
+    'ssa_local_bn': ({'dfa.method': 'ssa', 'dfa.signal': 'local', 'model.act': 'leaky_relu',
+                      'model.kwargs': {'norm': 'batch'}}, False),
 }
 # an ablation's learning rate is its base variant's tuned one
 BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa',

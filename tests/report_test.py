@@ -52,6 +52,8 @@ def test_variant_labels():
   assert report.variant(s) == 'ssa + local error'
   s['config']['dfa'].update(sim_weight=0.99)
   assert report.variant(s) == 'ssa + local error + sim'
+  s['config']['model'].update(kwargs={'norm': 'batch'}, act='leaky_relu')
+  assert report.variant(s) == 'ssa + local error + sim (BN, leaky_relu)'
   s['method'] = 'bp'
   assert report.variant(s) == 'bp'
 
@@ -63,6 +65,9 @@ def test_protocol_variants_share_one_pipeline():
     c = protocol.config_for(name, 1, 10).to_dict()
     assert c['train']['epochs'] == 10 and c['train']['seed'] == 1
     for section in ('data', 'opt', 'model'):
+      if section == 'model' and name.endswith('_bn'):  # the BN + LeakyReLU SmallConv
+        assert c['model']['kwargs'] == {'norm': 'batch'} and c['model']['act'] == 'leaky_relu'
+        continue
       assert c[section] == base[section], (name, section)
     assert {k: v for k, v in c['train'].items() if k != 'seed'} == \
         {k: v for k, v in base['train'].items() if k != 'seed'}
@@ -75,6 +80,11 @@ def test_protocol_variants_share_one_pipeline():
   assert protocol.config_for('ssa_channel_noalign', 0, 10).dfa.align == 'none'
   assert protocol.config_for('ssa_channel_noorth', 0, 10).dfa.orth_weight == 0.0
   assert set(protocol.BASE) <= set(protocol.VARIANTS)
+  for name in ('ssa_local', 'dfa_local', 'ssa_local_sim', 'ssa_local_bn'):
+    c = protocol.config_for(name, 0, 10)
+    assert c.dfa.signal == 'local' and c.dfa.method == name.split('_')[0], name
+  assert protocol.config_for('ssa_local_sim', 0, 10).dfa.sim_weight == 0.99
+  assert protocol.config_for('ssa_mixed', 0, 10).dfa.signal == 'mixed'
 
 
 def test_finished_runs_are_reused_only_with_their_config(tmp_path):
