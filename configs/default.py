@@ -51,6 +51,10 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   f.readout_norm = True      # per-sample L2 normalisation of the pooled readout features
   f.readout_temperature = 0.5
   f.sim_weight = 0.0         # β of the similarity-matching term (Nøkland & Eidnes: 0.99)
+  f.learn_feedback = 'none'  # none | local (readouts learn their CE: "pred") | global (DKP)
+  f.feedback_lr = 1e-4       # learned feedback: AdamW (DKP's recipe: 1e-4, wd 1e-6, ×0.8/epoch)
+  f.feedback_weight_decay = 1e-6
+  f.feedback_lr_decay = 0.8  # per epoch
 
   c.opt = o = ml_collections.ConfigDict()
   o.name = 'adam'            # adam | adamw | sgd

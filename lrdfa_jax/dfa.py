@@ -32,6 +32,7 @@ from lrdfa_jax import layers, losses, models, signals as sig
 Array = jax.Array
 Forward = Callable[[Any], tuple[tuple[Array, dict[str, Array]], Any]]
 ALIGNMENTS = ('none', 'subspace', 'channel_subspace', 'output', 'next')
+LEARN_FEEDBACK = ('none', 'local', 'global')
 
 
 def expand_signal(g_BxD: Array, tap_shape: tuple[int, ...], name: str = '') -> Array:
@@ -161,7 +162,8 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
                 align: str = 'none', align_weight: float = 0.0,
                 tap_order: Sequence[str] = (), signal: str = 'global', signal_mix: float = 0.5,
                 readout_norm: bool = True, readout_temperature: float = 0.5,
-                sim_weight: float = 0.0) -> tuple[Any, dict[str, Any]]:
+                sim_weight: float = 0.0,
+                learn_feedback: str = 'none') -> tuple[Any, dict[str, Any]]:
   """The DFA/SSA update: a pytree shaped like ``params`` to feed ``tx.update``.
 
   Args:
@@ -186,12 +188,25 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
     sim_weight: ``β`` of the similarity-matching term: a tap's cotangent becomes
       ``(1 − β) (its signal) + β ∂L_sim/∂h`` (:func:`lrdfa_jax.signals.similarity_loss`).
 
+    learn_feedback: ``'none'`` (fixed feedback), ``'local'`` (each readout learns from its
+      own CE, Nøkland & Eidnes' "pred" decoder; local/mixed signal) or ``'global'`` (Direct
+      Kolen-Pollack, Webster et al. 2020: ``∇F_i = ψ(h_i)ᵀ e / B``, ``ψ`` the transpose of the
+      signal's delivery; global signal). Its gradient is ``aux['feedback_grads']``, shaped
+      like ``feedback``, in the factors ``P``, ``σ``, ``Q`` (chain rule through ``P diag(σ) Qᵀ``).
+
   Returns:
-    ``(updates, aux)``; ``aux`` holds ``loss`` (CE), ``logits``, ``extra``, ``align_loss``
-    and ``local_loss`` (mean over blocks of the readouts' CE; 0 under the global signal).
+    ``(updates, aux)``; ``aux`` holds ``loss`` (CE), ``logits``, ``extra``, ``align_loss``,
+    ``local_loss`` (mean over blocks of the readouts' CE; 0 under the global signal) and
+    ``feedback_grads`` (None unless ``learn_feedback``).
   """
   if signal not in sig.SIGNALS:
     raise ValueError(f'signal must be one of {sig.SIGNALS}, got {signal!r}.')
+  if learn_feedback not in LEARN_FEEDBACK:
+    raise ValueError(f'learn_feedback must be one of {LEARN_FEEDBACK}, got {learn_feedback!r}.')
+  if learn_feedback != 'none' and (learn_feedback == 'global') != (signal == 'global'):
+    raise ValueError(f"learn_feedback={learn_feedback!r} needs signal="
+                     f"{'global' if learn_feedback == 'global' else 'local or mixed'}, "
+                     f'got {signal!r}.')
   if align not in ALIGNMENTS:
     raise ValueError(f'align must be one of {ALIGNMENTS}, got {align!r}.')
   (logits, taps), vjp_fn, extra = jax.vjp(forward, params, has_aux=True)
@@ -237,8 +252,42 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
     updates = jax.tree.map(lambda u, d: u + align_weight * d, updates, da)
   aux = {'loss': losses.cross_entropy(logits, labels_B), 'logits': logits, 'extra': extra,
          'align_loss': align_loss,
-         'local_loss': sum(local_losses) / len(local_losses) if local_losses else jnp.zeros(())}
+         'local_loss': sum(local_losses) / len(local_losses) if local_losses else jnp.zeros(()),
+         'feedback_grads': None}
+  if learn_feedback != 'none':
+    aux['feedback_grads'] = feedback_grads(
+        feedback, {n: jax.lax.stop_gradient(h) for n, h in taps.items()}, labels_B, err_BxC,
+        learn_feedback, norm=readout_norm, temperature=readout_temperature)
   return updates, aux
+
+
+def feedback_grads(feedback: fb.Feedback, taps: Mapping[str, Array], labels_B: Array,
+                   err_BxC: Array, rule: str, *, norm: bool = True,
+                   temperature: float = 0.5) -> fb.Feedback:
+  """The gradient of learned feedback, shaped like ``feedback`` (see :func:`local_grads`).
+
+  ``'local'``: of ``Σ_i CE(φ(h_i) F_i / T, y)``, each readout its own block's CE.
+  ``'global'`` (DKP): of ``Σ_i ⟨ψ(h_i) F_i, e⟩ / B`` with ``e`` held fixed, i.e.
+  ``∇F_i = ψ(h_i)ᵀ e / B``, where ``ψ`` is the transpose of :func:`expand_signal` (a
+  sum over positions for channel broadcast, a flatten for full maps).
+  """
+  batch = err_BxC.shape[0]
+  err = jax.lax.stop_gradient(err_BxC)
+
+  def objective(f):
+    total = jnp.zeros(())
+    for name in f.names:
+      h, block = taps[name], f.block(name)
+      if rule == 'local':
+        total = total + sig.local_loss(h, block, labels_B, norm=norm, temperature=temperature)
+      else:
+        width = (block['f'] if 'f' in block else block['p']).shape[0]
+        _, transpose = jax.vjp(lambda g: expand_signal(g, h.shape, name),
+                               jnp.zeros((batch, width), h.dtype))
+        (psi,) = transpose(h)
+        total = total + jnp.sum(sig.linear(block, psi) * err) / batch
+    return total
+  return jax.grad(objective)(feedback)
 
 
 def bp_grads(forward: Forward, params: Any, labels_B: Array) -> tuple[Any, dict[str, Any]]:

@@ -67,7 +67,7 @@ def features(h: Array, width: int, norm: bool = True, eps: float = 1e-12) -> Arr
   return x
 
 
-def _apply(block: Mapping[str, Array], x_BxD: Array) -> Array:
+def linear(block: Mapping[str, Array], x_BxD: Array) -> Array:
   """``x F`` for one block's (unstacked) feedback, factored or dense."""
   if 'f' in block:
     return x_BxD @ block['f']
@@ -85,7 +85,7 @@ def readout_logits(h: Array, block: Mapping[str, Array], *, norm: bool = True,
                    temperature: float = 0.5) -> Array:
   """The block's fixed local readout ``z_i = φ(h) F_i / T``."""
   width = (block['f'] if 'f' in block else block['p']).shape[0]
-  return _apply(block, features(h, width, norm)) / temperature
+  return linear(block, features(h, width, norm)) / temperature
 
 
 def local_loss(h: Array, block: Mapping[str, Array], labels_B: Array, **readout) -> Array:
@@ -105,7 +105,7 @@ def readout_cotangent(h: Array, block: Mapping[str, Array], labels_B: Array,
   """
   width = (block['f'] if 'f' in block else block['p']).shape[0]
   x, pull = jax.vjp(lambda t: features(t, width, norm), h)
-  z = _apply(block, x) / temperature
+  z = linear(block, x) / temperature
   onehot = jax.nn.one_hot(labels_B, z.shape[-1], dtype=z.dtype)
   e_local = jax.nn.softmax(z) - onehot
   ce = -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(z), -1))

@@ -34,9 +34,16 @@ LAZY_DATASETS = ('imagenet2012',)  # streamed from tfds sources, decoded per bat
 
 
 class TrainState(train_state.TrainState):
-  """Params, optimizer state, BatchNorm statistics and the fixed feedback, in one pytree."""
+  """Params, optimizer state, BatchNorm statistics and the feedback, in one pytree.
+
+  The feedback is fixed unless ``dfa.learn_feedback`` is set: then ``feedback_tx`` (its own
+  optax chain) updates it from ``feedback_opt_state``, both checkpointed with the rest.
+  """
   batch_stats: Any = None
   feedback: fb.Feedback | None = None
+  feedback_tx: optax.GradientTransformation | None = flax.struct.field(pytree_node=False,
+                                                                       default=None)
+  feedback_opt_state: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +59,7 @@ class StepConfig:
   readout_norm: bool = True
   readout_temperature: float = 0.5
   sim_weight: float = 0.0
+  learn_feedback: str = 'none'     # none | local (learned readouts) | global (DKP)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
@@ -65,7 +73,9 @@ class StepConfig:
                signal=d.get('signal', 'global'), signal_mix=float(d.get('signal_mix', 0.5)),
                readout_norm=bool(d.get('readout_norm', True)),
                readout_temperature=float(d.get('readout_temperature', 0.5)),
-               sim_weight=float(d.get('sim_weight', 0.0)))
+               sim_weight=float(d.get('sim_weight', 0.0)),
+               learn_feedback=(d.get('learn_feedback', 'none') if d.method in LOCAL_METHODS
+                               else 'none'))
 
 
 # ---------------------------------------------------------------------------------- steps
@@ -96,7 +106,8 @@ def compute_updates(cfg: StepConfig, state: TrainState, batch: dict[str, Any]):
                                  tap_order=cfg.tap_order, signal=cfg.signal,
                                  signal_mix=cfg.signal_mix, readout_norm=cfg.readout_norm,
                                  readout_temperature=cfg.readout_temperature,
-                                 sim_weight=cfg.sim_weight)
+                                 sim_weight=cfg.sim_weight,
+                                 learn_feedback=cfg.learn_feedback)
   else:
     grads, aux = dfa.bp_grads(forward, state.params, batch['label'])
   if cfg.hoyer_weight:
@@ -112,6 +123,11 @@ def train_step(state: TrainState, batch: dict[str, Any], cfg: StepConfig):
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             batch_stats=aux['extra'])
+  if aux.get('feedback_grads') is not None:
+    f_updates, f_opt_state = state.feedback_tx.update(aux['feedback_grads'],
+                                                      state.feedback_opt_state, state.feedback)
+    new_state = new_state.replace(feedback=optax.apply_updates(state.feedback, f_updates),
+                                  feedback_opt_state=f_opt_state)
   metrics = {
       'loss': aux['loss'],
       'accuracy': jnp.mean(jnp.argmax(aux['logits'], -1) == batch['label']),
@@ -196,6 +212,13 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
                       f'{signals.BASES}.')
   if not 0.0 <= d.get('signal_mix', 0.5) <= 1.0 or not 0.0 <= d.get('sim_weight', 0.0) <= 1.0:
     raise ConfigError('dfa.signal_mix and dfa.sim_weight are shares: give values in [0, 1].')
+  learn = d.get('learn_feedback', 'none')
+  if learn not in dfa.LEARN_FEEDBACK:
+    raise ConfigError(f'unknown dfa.learn_feedback {learn!r}; choose one of {dfa.LEARN_FEEDBACK}.')
+  if method in LOCAL_METHODS and learn != 'none' and \
+      (learn == 'global') != (d.get('signal', 'global') == 'global'):
+    raise ConfigError(f"dfa.learn_feedback={learn!r} needs dfa.signal="
+                      f"{'global' if learn == 'global' else 'local or mixed'}.")
   if d.get('readout_temperature', 0.5) <= 0:
     raise ConfigError('dfa.readout_temperature must be positive (LLS uses 0.5).')
 
@@ -266,15 +289,35 @@ def tap_order(model, image_shape) -> tuple[str, ...]:
   return tuple(tap_shapes(model, image_shape))
 
 
-def create_train_state(config, model, tx, image_shape, num_classes, key) -> TrainState:
+def build_feedback_tx(config, steps_per_epoch: int = 1) -> optax.GradientTransformation | None:
+  """The optax chain of learned feedback (``dfa.learn_feedback``), None when it is fixed.
+
+  AdamW at ``dfa.feedback_lr`` with decoupled weight decay ``dfa.feedback_weight_decay``,
+  the rate multiplied by ``dfa.feedback_lr_decay`` after every epoch (DKP's recipe:
+  1e-4, 1e-6, 0.8).
+  """
+  d = config.dfa
+  if d.method not in LOCAL_METHODS or d.get('learn_feedback', 'none') == 'none':
+    return None
+  lr = optax.exponential_decay(d.feedback_lr, transition_steps=max(steps_per_epoch, 1),
+                               decay_rate=d.feedback_lr_decay, staircase=True)
+  return optax.adamw(lr, weight_decay=d.feedback_weight_decay)
+
+
+def create_train_state(config, model, tx, image_shape, num_classes, key,
+                       steps_per_epoch: int = 1) -> TrainState:
+  """A fresh state; ``steps_per_epoch`` sets learned feedback's per-epoch decay only."""
   k_init, k_fb = jax.random.split(key)
   x = jnp.zeros((1, *image_shape), jnp.float32)
   variables = model.init(k_init, x, train=False)
   params = variables['params']
   shapes = jax.eval_shape(lambda v: model.apply(v, x, train=False)[1], variables)
   feedback = build_feedback(config, k_fb, params, shapes, num_classes)
+  feedback_tx = build_feedback_tx(config, steps_per_epoch)
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                           batch_stats=variables.get('batch_stats'), feedback=feedback)
+                           batch_stats=variables.get('batch_stats'), feedback=feedback,
+                           feedback_tx=feedback_tx,
+                           feedback_opt_state=feedback_tx.init(feedback) if feedback_tx else None)
 
 
 def build_tx(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -468,7 +511,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   model = build_model(config, info['num_classes'])
   tx, schedule = build_tx(config, total_steps)
   state = create_train_state(config, model, tx, info['image_shape'], info['num_classes'],
-                             jax.random.key(tc.seed))
+                             jax.random.key(tc.seed), steps_per_epoch)
   n_params = param_count(state.params)
   cfg = StepConfig.from_config(
       config, tap_order(model, info['image_shape']) if config.dfa.align == 'next' else ())

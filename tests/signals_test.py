@@ -160,3 +160,25 @@ def test_mixed_signal_interpolates_and_global_ignores_readout_fields():
   assert not np.allclose(u0['dense1']['kernel'], u1['dense1']['kernel'])
   with pytest.raises(ValueError, match='signal must be one of'):
     run(signal='lokal')
+
+
+def test_feedback_grads_dkp_and_learned_readout_by_hand():
+  k = jax.random.split(jax.random.key(7), 4)
+  y = jax.random.randint(k[0], (B,), 0, C)
+  e = jax.nn.softmax(jax.random.normal(k[1], (B, C))) - jax.nn.one_hot(y, C)
+  taps = {'d': jax.random.normal(k[2], (B, 6)), 'c': jax.random.normal(k[3], (B, 2, 2, 4))}
+  f = fb.init_feedback(jax.random.key(8), {'d': 6, 'c': 4}, C, ranks=2)  # 'c': channel broadcast
+  g = dfa.feedback_grads(f, taps, y, e, 'global')
+  # DKP: ∇F = ψ(h)ᵀ e / B (ψ = sum over positions for channel broadcast), through P σ Qᵀ
+  for name, psi in (('d', taps['d']), ('c', taps['c'].sum((1, 2)))):
+    b, gb = f.block(name), g.block(name)
+    grad_f = np.asarray(psi).T @ np.asarray(e) / B
+    np.testing.assert_allclose(gb['p'], grad_f @ b['q'] * b['sigma'], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gb['sigma'], np.diag(b['p'].T @ grad_f @ b['q']), rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_allclose(gb['q'], grad_f.T @ b['p'] * b['sigma'], rtol=1e-4, atol=1e-6)
+  ro = signals.init_readout(jax.random.key(9), {'d': 6}, C)
+  gl = dfa.feedback_grads(ro, taps, y, e, 'local')
+  want = jax.grad(lambda blk: signals.local_loss(taps['d'], blk, y))(ro.block('d'))
+  for key in ('p', 'sigma', 'q'):
+    np.testing.assert_allclose(gl.block('d')[key], want[key], rtol=1e-5, atol=1e-7)

@@ -254,3 +254,28 @@ def test_subspace_alignment_blocks_follow_the_delivery(tmp_path, capsys):
                                            dfa__align='channel_subspace'), None)
   assert s['subspace_align_blocks'] == ['conv1', 'conv2', 'conv3', 'fc1']
   assert 'skips' not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('learn,signal', [('global', 'global'), ('local', 'local')])
+def test_learned_feedback_trains_and_resumes_bit_identically(tmp_path, learn, signal):
+  kw = dict(dfa__learn_feedback=learn, dfa__signal=signal, dfa__readout_dim=32,
+            dfa__feedback_lr=1e-2)
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  train.train_and_evaluate(tiny_config(**kw), a)
+  train.train_and_evaluate(tiny_config(train__stop_after_steps=5, **kw), b)
+  train.train_and_evaluate(tiny_config(**kw), b)
+  sa, sb = (train.restore_checkpoint(tiny_config(**kw), d) for d in (a, b))
+  jax.tree.map(np.testing.assert_array_equal, (sa.params, sa.feedback, sa.feedback_opt_state),
+               (sb.params, sb.feedback, sb.feedback_opt_state))
+  fresh = train.create_train_state(tiny_config(**kw), train.build_model(tiny_config(**kw), 4),
+                                   train.build_tx(tiny_config(**kw), 1)[0], (8, 8, 3), 4,
+                                   jax.random.key(0))
+  moved = jax.tree.map(lambda x, y: not np.allclose(x, y), fresh.feedback, sa.feedback)
+  assert all(jax.tree.leaves(moved))  # every factor of every block's feedback learned
+
+
+def test_learned_feedback_needs_its_signal():
+  with pytest.raises(train.ConfigError, match='needs dfa.signal=global'):
+    train.train_and_evaluate(tiny_config(dfa__learn_feedback='global', dfa__signal='local'))
+  with pytest.raises(train.ConfigError, match='learn_feedback'):
+    train.train_and_evaluate(tiny_config(dfa__learn_feedback='kp'))
