@@ -47,6 +47,9 @@ def variant(summary: dict) -> str:
     label += ' (channel-broadcast feedback)'  # configs/cifar10.py delivers full feature maps
   if d.get('sim_weight') and label.split()[0] in ('dfa', 'ssa'):
     label += ' + sim'
+  learn = d.get('learn_feedback', 'none') if label.split()[0] in ('dfa', 'ssa') else 'none'
+  if learn != 'none':
+    label += ' + learned readout' if learn == 'local' else ' + DKP feedback'
   m = summary['config'].get('model', {})
   if (m.get('kwargs') or {}).get('norm') == 'batch':
     label += f' (BN, {m.get("act")})'

@@ -30,6 +30,12 @@ VARIANTS = {
     'ssa_local_sim': ({'dfa.method': 'ssa', 'dfa.signal': 'local', 'dfa.sim_weight': 0.99},
                       False),
     'ssa_mixed': ({'dfa.method': 'ssa', 'dfa.signal': 'mixed'}, False),
+    # learned feedback: readouts trained on their own CE (Nøkland & Eidnes' "pred", at the
+    # model's rate) and Direct Kolen-Pollack on the global error (Webster et al.'s recipe)
+    'ssa_local_pred': ({'dfa.method': 'ssa', 'dfa.signal': 'local', 'dfa.learn_feedback': 'local',
+                        'dfa.feedback_lr': 1e-3, 'dfa.feedback_lr_decay': 1.0}, False),
+    'ssa_dkp': ({'dfa.method': 'ssa', 'dfa.learn_feedback': 'global'}, False),
+    'dfa_dkp': ({'dfa.method': 'dfa', 'dfa.learn_feedback': 'global'}, False),
     # the LLS authors' SmallConv: BatchNorm after each conv, LeakyReLU
     'ssa_local_bn': ({'dfa.method': 'ssa', 'dfa.signal': 'local', 'model.act': 'leaky_relu',
                       'model.kwargs': {'norm': 'batch'}}, False),

@@ -52,9 +52,14 @@ def test_variant_labels():
   assert report.variant(s) == 'ssa + local error'
   s['config']['dfa'].update(sim_weight=0.99)
   assert report.variant(s) == 'ssa + local error + sim'
+  s['config']['dfa'].update(learn_feedback='local')
+  assert report.variant(s) == 'ssa + local error + sim + learned readout'
+  s['config']['dfa'].update(learn_feedback='none')
   s['config']['model'].update(kwargs={'norm': 'batch'}, act='leaky_relu')
   assert report.variant(s) == 'ssa + local error + sim (BN, leaky_relu)'
   s['method'] = 'bp'
+  assert report.variant(s) == 'bp (BN, leaky_relu)'  # the model differs for every method
+  s['config']['model'].update(kwargs={})
   assert report.variant(s) == 'bp'
 
 
