@@ -71,7 +71,8 @@ def export_run(run_dir: str, out_dir: str) -> str:
   summary['variant'] = variant(summary)
   os.makedirs(out_dir, exist_ok=True)
   name = (f"{summary['model']}_{summary['variant']}_seed{summary['seed']}"
-          .replace(' ', '_').replace('−', 'no-').replace('(', '').replace(')', ''))
+          .replace(' + ', ' ').replace(',', '').replace(' ', '_').replace('−', 'no-')
+          .replace('(', '').replace(')', ''))
   path = os.path.join(out_dir, name + '.json')
   with open(path, 'w') as f:
     json.dump(summary, f, indent=1)
