@@ -39,6 +39,10 @@ VARIANTS = {
     # the LLS authors' SmallConv: BatchNorm after each conv, LeakyReLU
     'ssa_local_bn': ({'dfa.method': 'ssa', 'dfa.signal': 'local', 'model.act': 'leaky_relu',
                       'model.kwargs': {'norm': 'batch'}}, False),
+    'bp_bn': ({'dfa.method': 'bp', 'model.act': 'leaky_relu', 'model.kwargs': {'norm': 'batch'}},
+              False),
+    'svd_bp_bn': ({'dfa.method': 'svd_bp', 'model.act': 'leaky_relu',
+                   'model.kwargs': {'norm': 'batch'}}, False),
     'ssa_local_pred_bn': ({'dfa.method': 'ssa', 'dfa.signal': 'local',
                            'dfa.learn_feedback': 'local', 'dfa.feedback_lr': 1e-3,
                            'dfa.feedback_lr_decay': 1.0, 'model.act': 'leaky_relu',
