@@ -49,7 +49,7 @@ VARIANTS = {
                            'model.kwargs': {'norm': 'batch'}}, False),
 }
 # an ablation's learning rate is its base variant's tuned one
-BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa',
+BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': 'svd_bp',
         'ssa_channel_noalign': 'ssa_channel', 'ssa_channel_noorth': 'ssa_channel'}
 
 
