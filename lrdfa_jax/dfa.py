@@ -281,9 +281,8 @@ def feedback_grads(feedback: fb.Feedback, taps: Mapping[str, Array], labels_B: A
       if rule == 'local':
         total = total + sig.local_loss(h, block, labels_B, norm=norm, temperature=temperature)
       else:
-        width = (block['f'] if 'f' in block else block['p']).shape[0]
         _, transpose = jax.vjp(lambda g: expand_signal(g, h.shape, name),
-                               jnp.zeros((batch, width), h.dtype))
+                               jnp.zeros((batch, sig.block_width(block)), h.dtype))
         (psi,) = transpose(h)
         total = total + jnp.sum(sig.linear(block, psi) * err) / batch
     return total

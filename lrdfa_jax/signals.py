@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from lrdfa_jax import feedback as fb
+from lrdfa_jax import losses
 
 Array = jax.Array
 SIGNALS = ('global', 'local', 'mixed')
@@ -74,6 +75,11 @@ def linear(block: Mapping[str, Array], x_BxD: Array) -> Array:
   return ((x_BxD @ block['p']) * block['sigma']) @ block['q'].T
 
 
+def block_width(block: Mapping[str, Array]) -> int:
+  """The feature width ``d`` of one block's feedback or readout (``F`` is ``d × C``)."""
+  return (block['f'] if 'f' in block else block['p']).shape[0]
+
+
 def _apply_t(block: Mapping[str, Array], e_BxC: Array) -> Array:
   """``e Fᵀ`` for one block's feedback."""
   if 'f' in block:
@@ -84,13 +90,11 @@ def _apply_t(block: Mapping[str, Array], e_BxC: Array) -> Array:
 def readout_logits(h: Array, block: Mapping[str, Array], *, norm: bool = True,
                    temperature: float = 0.5) -> Array:
   """The block's fixed local readout ``z_i = φ(h) F_i / T``."""
-  width = (block['f'] if 'f' in block else block['p']).shape[0]
-  return linear(block, features(h, width, norm)) / temperature
+  return linear(block, features(h, block_width(block), norm)) / temperature
 
 
 def local_loss(h: Array, block: Mapping[str, Array], labels_B: Array, **readout) -> Array:
   """Mean cross-entropy of the block's fixed readout (the local objective; for logs and tests)."""
-  from lrdfa_jax import losses
   return losses.cross_entropy(readout_logits(h, block, **readout), labels_B)
 
 
@@ -103,12 +107,11 @@ def readout_cotangent(h: Array, block: Mapping[str, Array], labels_B: Array,
   error ``err_BxC`` (needed when ``mix > 0``). Scaled like a mean loss (``1/B``): with
   ``mix=0`` it equals ``jax.grad(local_loss)`` with respect to ``h``.
   """
-  width = (block['f'] if 'f' in block else block['p']).shape[0]
-  x, pull = jax.vjp(lambda t: features(t, width, norm), h)
+  x, pull = jax.vjp(lambda t: features(t, block_width(block), norm), h)
   z = linear(block, x) / temperature
   onehot = jax.nn.one_hot(labels_B, z.shape[-1], dtype=z.dtype)
   e_local = jax.nn.softmax(z) - onehot
-  ce = -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(z), -1))
+  ce = losses.cross_entropy(z, labels_B)
   e = e_local if not mix else (1.0 - mix) * e_local + mix * err_BxC
   (cot,) = pull(_apply_t(block, e) / (temperature * h.shape[0]))
   return cot, ce
