@@ -135,7 +135,7 @@ def rank_for_fraction(config: ml_collections.ConfigDict, fraction: float, image_
       cache[r] = count_params(c, image_shape, num_classes) / dense
     return cache[r]
 
-  lo, hi = 1e-6, 1.0
+  lo, hi = 1e-6, 1.0 - 1e-6  # fractions lie in (0, 1); 1.0 would be rank 1
   if frac(lo) > fraction:
     raise ValueError(f'{config.model.name}: {fraction} of the params is out of reach; at the '
                      f'lowest rank the factored model keeps {frac(lo):.3f} of them (layers '

@@ -5,7 +5,7 @@ import json
 import os
 
 from configs import cifar10
-from lrdfa_jax.train import LOCAL_METHODS
+from lrdfa_jax.train import MONITORING, config_changes
 
 # variant name -> (config overrides, all seeds?)
 VARIANTS = {
@@ -79,35 +79,14 @@ def chosen_lr(path: str, variant: str) -> float | None:
   return None
 
 
-# fields backprop never reads: a bp/svd_bp run is the same run whatever they hold
-_BP_IGNORED = {'delivery', 'feedback', 'feedback_rank', 'feedback_scale', 'align',
-               'align_weight', 'signal', 'signal_mix', 'readout_dim', 'readout_basis',
-               'readout_norm', 'readout_temperature', 'sim_weight'}
-
-
-# fields that change what is logged or saved, not what is trained
-_MONITORING = {('train', f) for f in ('progress_bar', 'log_every', 'angle_every',
-                                      'eval_every_epochs', 'checkpoint_every_epochs',
-                                      'keep_checkpoints')} | {('data', 'workers')}
-
-
 def config_differences(have: dict, want: dict) -> list[str]:
   """``section.field`` where a finished run's config (``have``) differs from ``want``.
 
-  Not compared: fields the run's config lacks (added to the code later) and the ones that only
-  say what is logged or saved (``_MONITORING``).
+  As :func:`lrdfa_jax.train.config_changes`, but a run stopped early (``stop_after_steps``)
+  or on other devices counts as another run; only what is logged or saved may differ.
   """
-  out = []
-  backprop = want.get('dfa', {}).get('method') not in LOCAL_METHODS
-  for section, fields in want.items():
-    for field, value in fields.items():
-      if (section, field) in _MONITORING or field not in have.get(section, {}):
-        continue
-      if backprop and section == 'dfa' and field in _BP_IGNORED:
-        continue
-      if have[section][field] != value:
-        out.append(f'{section}.{field}: {have[section][field]!r} there, {value!r} now')
-  return out
+  return [f'{k}: {o!r} there, {n!r} now'
+          for k, o, n in config_changes(have, want, ignore=MONITORING)]
 
 
 def finished_summary(workdir: str, config) -> dict | None:

@@ -13,6 +13,7 @@ Environment variables: ``LRDFA_DATA_DIR`` (root holding ``cifar10/`` etc.),
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -106,6 +107,23 @@ def _read_cached(path: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarr
   return array
 
 
+def _source_stamp(folder: str, spec: dict) -> dict | None:
+  """Size and mtime of the source file a cache entry was decoded from (None if missing)."""
+  try:
+    st = os.stat(os.path.join(folder, spec['file']))
+  except OSError:
+    return None
+  return {'file': spec['file'], 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
+
+
+def _stamp_matches(path: str, stamp: dict | None) -> bool:
+  try:
+    with open(f'{path}.source.json') as f:
+      return stamp is not None and json.load(f) == stamp
+  except (OSError, ValueError):
+    return False
+
+
 def _write_cached(path: str, array: np.ndarray) -> None:
   """Writes atomically (tmp file + rename); warns instead of failing if not writable."""
   try:
@@ -117,6 +135,14 @@ def _write_cached(path: str, array: np.ndarray) -> None:
   except OSError as e:
     warnings.warn(f'Could not cache decoded data at {path} ({e}); it will be decoded again '
                   'next time. Set LRDFA_CACHE_DIR to a writable folder.')
+
+
+def _write_stamp(path: str, stamp: dict | None) -> None:
+  try:
+    with open(f'{path}.source.json', 'w') as f:
+      json.dump(stamp, f)
+  except OSError:
+    pass  # no stamp: the next load decodes and verifies again
 
 
 def _decode_file(folder: str, name: str, key: str, spec: dict, verify: bool) -> np.ndarray:
@@ -152,8 +178,11 @@ def load_offline(name: str, root: str | None = None, *, cache_dir: str | None = 
 
   The first load decodes the (xz) files, checks their sha256 against ``meta.json`` and
   caches them as ``.npy`` under ``cache_dir`` (default ``default_cache_dir()``), named
-  by their sha256 so a changed source misses the cache; later loads read the ``.npy``
-  (shape/dtype checked, not re-hashed). Nothing is ever written under ``root``.
+  by their sha256 so a changed ``meta.json`` misses the cache, beside a stamp of the
+  source file's size and mtime; later loads read the ``.npy`` (shape/dtype checked, not
+  re-hashed) while the source file's stamp is unchanged, and decode and verify it again
+  when it has changed (a corrupted or replaced copy fails its checksum instead of being
+  hidden by the cache). Nothing is ever written under ``root``.
   ``verify=False`` skips hashing; what it decodes is then not cached.
   """
   root = default_offline_root() if root is None else os.path.abspath(os.path.expanduser(root))
@@ -179,11 +208,15 @@ def load_offline(name: str, root: str | None = None, *, cache_dir: str | None = 
                          "'train_images', 'train_labels', 'test_images', 'test_labels'.")
       spec = files[key]
       path = _cache_path(cache_dir, name, key, spec['sha256_decoded'])
-      array = _read_cached(path, tuple(spec['shape']), np.dtype(spec['dtype']))
+      stamp = _source_stamp(folder, spec)
+      array = None
+      if _stamp_matches(path, stamp):  # the source is unchanged since it was verified
+        array = _read_cached(path, tuple(spec['shape']), np.dtype(spec['dtype']))
       if array is None:
         array = _decode_file(folder, name, key, spec, verify)
         if verify:
           _write_cached(path, array)
+          _write_stamp(path, stamp)
       arrays.append(array)
     images, labels = arrays
     if images.ndim != 4 or len(images) != len(labels):
@@ -206,6 +239,19 @@ def _check_image_decoder() -> None:
                       '`pip install pillow`.')
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+  """absl warnings off inside (unless INFO logs were asked for, e.g. ``--verbosity=0``)."""
+  from absl import logging as absl_logging
+  old = absl_logging.get_verbosity()
+  if old < absl_logging.INFO:
+    absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(old)
+
+
 def load_tfds(name: str, data_dir: str | None = None) -> dict:
   """Reads a prepared tfds dataset with ``tfds.data_source`` (array_record, no TensorFlow).
 
@@ -221,11 +267,16 @@ def load_tfds(name: str, data_dir: str | None = None) -> dict:
 
   splits = _TFDS_SPLITS[name]
   try:
-    train, test = tfds.data_source(name, split=list(splits), data_dir=data_dir, download=False)
-  except (NotImplementedError, ValueError, FileNotFoundError, AssertionError) as e:
-    builder = tfds.builder(name, data_dir=data_dir)
+    with _quiet_absl():  # tfds warns about every folder it probes
+      train, test = tfds.data_source(name, split=list(splits), data_dir=data_dir,
+                                     download=False)
+  except (NotImplementedError, ValueError, FileNotFoundError, AssertionError, KeyError) as e:
+    # (KeyError: tfds' default data dir without the dataset; `splits['train']` is empty)
+    with _quiet_absl():
+      builder = tfds.builder(name, data_dir=data_dir)
+      prepared = builder.is_prepared()
     root = os.path.dirname(os.path.dirname(os.fspath(builder.data_dir)))
-    if builder.is_prepared():
+    if prepared:
       raise FileNotFoundError(
           f"tfds '{name}' in {builder.data_dir} is prepared in a format without random "
           f'access ({e.__class__.__name__}: {str(e).splitlines()[0]}). Rebuild it with '
@@ -262,14 +313,21 @@ def _stack_source(source, name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def synthetic(num_train: int = 512, num_test: int = 128, image_shape=(8, 8, 3),
-              num_classes: int = 4, seed: int = 0) -> dict:
+              num_classes: int = 4, seed: int = 0, cell: int = 1) -> dict:
   """Class-balanced uint8 images: a per-class ±32 pattern around 128 plus N(0, 40²) noise.
 
-  Separable by a nearest-class-mean (linear) classifier; deterministic for ``seed``.
-  Pixels have mean ≈ 0.5 and std ≈ 0.2 in [0, 1] units.
+  The pattern is constant on ``cell``×``cell`` squares (1: a pattern per pixel); coarse cells
+  are what a conv net trained by a local rule picks up in a few steps. Separable by a
+  nearest-class-mean (linear) classifier; deterministic for ``seed``. Pixels have mean ≈ 0.5
+  and std ≈ 0.2 in [0, 1] units.
   """
+  if cell < 1:
+    raise ValueError(f'synthetic cell={cell}: give a cell side of at least 1 pixel.')
   rng = np.random.default_rng(seed)
-  patterns = rng.choice(np.array([-32.0, 32.0]), size=(num_classes, *image_shape))
+  h, w, c = image_shape
+  coarse = rng.choice(np.array([-32.0, 32.0]),
+                      size=(num_classes, -(-h // cell), -(-w // cell), c))
+  patterns = coarse.repeat(cell, 1).repeat(cell, 2)[:, :h, :w]
 
   def make(num):
     labels = rng.permutation(np.arange(num) % num_classes).astype(np.int32)

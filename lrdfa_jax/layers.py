@@ -25,34 +25,38 @@ import jax.numpy as jnp
 from jax import lax
 
 Array = jax.Array
-Rank = int | float
+Rank = int | float | str  # an int rank, a fraction in (0, 1), or 'full'
 Padding = str | Sequence[tuple[int, int]]
 
 _DN = ('NHWC', 'HWIO', 'NHWC')
 
 
 def resolve_rank(rank: Rank, full_rank: int, *, name: str = 'layer') -> int:
-  """Turns an int rank or a fraction of full rank into an int in ``[1, full_rank]``.
+  """Turns a rank into an int in ``[1, full_rank]``.
 
-  A float in ``(0, 1]`` is a fraction of ``full_rank`` (rounded, at least 1); an int is
-  taken as is. A rank above ``full_rank`` or not positive is a ``ValueError``.
+  An int, or an integer-valued float (``1.0`` from a float-typed config field), is that
+  rank; a float in ``(0, 1)`` is a fraction of ``full_rank`` (rounded, at least 1);
+  ``'full'`` is ``full_rank``. A rank above ``full_rank`` or not positive is a ``ValueError``.
   """
+  if rank == 'full':
+    return full_rank
   if isinstance(rank, bool) or not isinstance(rank, (int, float)):
-    raise ValueError(f'{name}: rank must be an int or a float fraction, got {rank!r}.')
-  if isinstance(rank, float) and rank > 1.0 and rank.is_integer():
-    rank = int(rank)  # e.g. 64.0 from a float-typed config field
+    raise ValueError(f"{name}: rank must be an int, a fraction in (0, 1) or 'full', got "
+                     f'{rank!r}.')
+  if isinstance(rank, float) and rank.is_integer():
+    rank = int(rank)  # e.g. 64.0 or 1.0 from a float-typed config field: that rank
   if isinstance(rank, float):
-    if not 0.0 < rank <= 1.0:
+    if not 0.0 < rank < 1.0:
       raise ValueError(
-          f'{name}: a fractional rank must lie in (0, 1], got {rank}. '
-          'Pass an int for an absolute rank.')
+          f'{name}: a fractional rank must lie in (0, 1), got {rank}. Pass an int for an '
+          "absolute rank, or 'full'.")
     return max(1, int(round(rank * full_rank)))
   if rank < 1:
     raise ValueError(f'{name}: rank must be >= 1, got {rank}.')
   if rank > full_rank:
     raise ValueError(
         f'{name}: rank {rank} is above full rank {full_rank}; '
-        f'use a rank <= {full_rank} or a fraction such as 0.25.')
+        f"use a rank <= {full_rank}, a fraction such as 0.25, or 'full'.")
   return int(rank)
 
 
@@ -136,11 +140,11 @@ def _spectral_factors(module: nn.Module, init_fn: Callable[[], dict[str, Array]]
 class SVDDense(nn.Module):
   """Dense layer kept as ``U diag(s) Vᵀ``: params ``u [out, r]``, ``s [r]``, ``v [in, r]``, ``bias``.
 
-  ``rank`` is an int or a fraction of ``min(in, out)``. Initialised by the SVD of a
-  ``kernel_init`` sample (spectral init), keeping the top r triplets.
+  ``rank`` is an int, a fraction in (0, 1) of ``min(in, out)``, or ``'full'``. Initialised
+  by the SVD of a ``kernel_init`` sample (spectral init), keeping the top r triplets.
   """
   features: int
-  rank: Rank = 1.0
+  rank: Rank = 'full'
   use_bias: bool = True
   kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
   bias_init: Callable[..., Array] = nn.initializers.zeros_init()
@@ -169,7 +173,7 @@ class SVDConv(nn.Module):
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
-  rank: Rank = 1.0
+  rank: Rank = 'full'
   strides: Sequence[int] = (1, 1)
   padding: Padding = 'SAME'
   split: str = 'spatial'

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import time
+import math
 from typing import Any
 
 import flax.struct
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -130,7 +132,7 @@ def train_step(state: TrainState, batch: dict[str, Any], cfg: StepConfig):
                                   feedback_opt_state=f_opt_state)
   metrics = {
       'loss': aux['loss'],
-      'accuracy': jnp.mean(jnp.argmax(aux['logits'], -1) == batch['label']),
+      'accuracy': 100.0 * jnp.mean(jnp.argmax(aux['logits'], -1) == batch['label']),  # %
       'update_norm': optax.global_norm(grads),
       'align_loss': aux['align_loss'],
       'local_loss': aux['local_loss'],
@@ -187,6 +189,10 @@ class ConfigError(ValueError):
   """A config that cannot run; the message says what to change."""
 
 
+class DivergenceError(FloatingPointError):
+  """Training diverged (non-finite or exploding loss); the message says what was kept."""
+
+
 def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Fails fast, before anything is loaded or written."""
   method = config.dfa.method
@@ -199,9 +205,19 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError(f'unknown data.source {config.data.source!r}; choose one of '
                       f'{", ".join(data_lib.SOURCES)}.')
   bs = config.train.batch_size
-  if bs <= 0 or bs % num_devices:
+  if bs <= 0:
+    raise ConfigError(f'train.batch_size={bs}: give a positive batch size (e.g. 128).')
+  if bs % num_devices:
     raise ConfigError(f'train.batch_size={bs} is not divisible by the {num_devices} devices; '
                       f'use a multiple of {num_devices}.')
+  if config.train.epochs < 1:
+    raise ConfigError(f'train.epochs={config.train.epochs}: give at least 1 epoch '
+                      '(train.stop_after_steps ends a run early).')
+  if not config.opt.lr > 0:
+    raise ConfigError(f'opt.lr={config.opt.lr}: the learning rate must be positive '
+                      '(e.g. 1e-3).')
+  if config.train.get('max_loss', 0.0) < 0:
+    raise ConfigError('train.max_loss must be >= 0 (0: 20 × the chance loss ln(classes)).')
   if config.dfa.align not in dfa.ALIGNMENTS:
     raise ConfigError(f'unknown dfa.align {config.dfa.align!r}; choose one of {dfa.ALIGNMENTS}.')
   d = config.dfa
@@ -233,21 +249,23 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
-  """``'conv1:dense,fc1:0.5,head:10'`` -> ``{'conv1': 'dense', 'fc1': 0.5, 'head': 10}``."""
+  """``'conv1:dense,fc1:0.5,head:10,x:full'`` -> ``{'conv1': 'dense', 'fc1': 0.5, 'head': 10,
+  'x': 'full'}``."""
   out: dict[str, Any] = {}
   for item in filter(None, (t.strip() for t in text.split(','))):
     name, sep, value = item.partition(':')
     if not sep:
-      raise ConfigError(f'model.overrides item {item!r} must look like layer:rank or layer:dense.')
+      raise ConfigError(f'model.overrides item {item!r} must look like layer:rank, '
+                        'layer:full or layer:dense.')
     value = value.strip()
-    if value == 'dense':
+    if value in ('dense', 'full'):
       out[name.strip()] = value
     else:
       try:
         out[name.strip()] = float(value) if '.' in value else int(value)
       except ValueError:
         raise ConfigError(f'model.overrides: {value!r} for {name!r} is neither a rank nor '
-                          "'dense'.") from None
+                          "'full' nor 'dense'.") from None
   return out
 
 
@@ -449,14 +467,90 @@ def _restore(mngr, state):
   return mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(abstract))
 
 
+def _restore_checked(mngr, state, workdir: str):
+  """The latest checkpoint restored into ``state``'s structure, refused in one line when it
+  does not fit (another model, method or optimizer) or holds non-finite params."""
+  try:
+    restored = _restore(mngr, state)
+  except Exception as e:  # noqa: BLE001 (orbax: a tree, shape or dtype that does not match)
+    raise ConfigError(f'the checkpoint in {workdir}/checkpoints does not fit this config (its '
+                      f'model, method or optimizer differ; orbax: {type(e).__name__}); use a '
+                      'new --workdir.') from None
+  if not _all_finite(restored.params):
+    raise DivergenceError(f'the checkpoint of step {mngr.latest_step()} in {workdir} holds '
+                          'non-finite params and cannot be resumed; start again in a new '
+                          '--workdir.')
+  return restored
+
+
+# fields that change what is logged or saved, not what is trained
+MONITORING = ('train.progress_bar', 'train.log_every', 'train.angle_every',
+              'train.eval_every_epochs', 'train.checkpoint_every_epochs',
+              'train.keep_checkpoints', 'data.workers')
+# ... and the ones a resume may change too: where the run stops, how it is spread, where the
+# (checksummed) data is read from
+RUN_INDEPENDENT = MONITORING + ('train.stop_after_steps', 'train.num_devices',
+                                'train.distributed', 'data.cache_dir', 'data.data_dir')
+# dfa fields backprop never reads: a bp/svd_bp run is the same run whatever they hold
+BACKPROP_IGNORED = ('delivery', 'feedback', 'feedback_rank', 'feedback_scale', 'align',
+                    'align_weight', 'signal', 'signal_mix', 'readout_dim', 'readout_basis',
+                    'readout_norm', 'readout_temperature', 'sim_weight', 'learn_feedback',
+                    'feedback_lr', 'feedback_weight_decay', 'feedback_lr_decay')
+_FREE_FORM = ('model.kwargs',)  # compared whole: a key one side lacks is a difference
+
+
+def _leaves(tree: dict, prefix: str = ''):
+  for k, v in tree.items():
+    if isinstance(v, dict) and prefix + k not in _FREE_FORM:
+      yield from _leaves(v, f'{prefix}{k}.')
+    else:
+      yield prefix + k, v
+
+
+def config_changes(old: dict, new: dict,
+                   ignore: tuple[str, ...] = RUN_INDEPENDENT) -> list[tuple[str, Any, Any]]:
+  """``(field, old, new)`` for every field where two config dicts (as in ``config.json``)
+  differ in what they train.
+
+  Not compared: the ``ignore`` fields, fields ``old`` lacks (added to the code after that
+  run, with defaults that keep what it did), and for backprop the ``BACKPROP_IGNORED`` ones.
+  """
+  a, b = dict(_leaves(old)), dict(_leaves(new))
+  backprop = b.get('dfa.method') not in LOCAL_METHODS
+  return [(k, a[k], v) for k, v in sorted(b.items())
+          if k in a and k not in ignore and a[k] != v
+          and not (backprop and k.startswith('dfa.') and k[4:] in BACKPROP_IGNORED)]
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str | None,
+                  allow_changed_config: bool = False) -> list[tuple[str, Any, Any]]:
+  """Refuses a workdir whose ``config.json`` is another run's (before anything is written).
+
+  Returns the changed fields (empty for a new workdir or the same config); with
+  ``allow_changed_config`` they are allowed, and recorded by the caller.
+  """
+  path = os.path.join(workdir, 'config.json') if workdir else None
+  if path is None or not os.path.isfile(path):
+    return []
+  try:
+    with open(path) as f:
+      old = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'{path} cannot be read ({e}); use a new --workdir.') from None
+  changes = config_changes(old, json.loads(config.to_json_best_effort()))
+  if changes and not allow_changed_config:
+    shown = '; '.join(f'{k}: {o!r} -> {n!r}' for k, o, n in changes[:4])
+    more = f' and {len(changes) - 4} more' if len(changes) > 4 else ''
+    raise ConfigError(f'{workdir} holds a run with another config ({shown}{more}); use a new '
+                      '--workdir, or pass --allow_changed_config to continue that run with '
+                      'this config.')
+  return changes
+
+
 def _log_train(writer, step, metrics, state, *, dt, lr, batch_size, epoch) -> float:
-  """Writes train metrics and layer stats; stops on a non-finite loss. Returns the loss."""
+  """Writes train metrics and layer stats. Returns the loss."""
   metrics = jax.device_get(metrics)
   loss = float(metrics['loss'])
-  if not np.isfinite(loss):
-    raise FloatingPointError(
-        f'loss is {loss} at step {step}; stopping. The last good checkpoint is kept; '
-        'lower opt.lr or check the data.')
   scalars = {**{f'train/{k}': v for k, v in metrics.items()}, 'lr': lr, 'step_time_s': dt,
              'images_per_s': batch_size / dt, 'epoch': epoch}
   scalars.update(jax.device_get(layer_stats(state.params)))
@@ -484,10 +578,15 @@ def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     mngr.close()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None, *,
+                       allow_changed_config: bool = False) -> dict:
   """Trains and evaluates; resumes from ``workdir/checkpoints`` when present.
 
-  Without a ``workdir`` nothing is written. Returns the run summary (also written to
+  Without a ``workdir`` nothing is written. A workdir whose ``config.json`` differs from
+  ``config`` (:func:`config_changes`) is refused before anything is written, unless
+  ``allow_changed_config``; the changes are then logged to ``config_changes.jsonl``. A
+  non-finite or exploding loss (``train.max_loss``) stops the run with a
+  ``DivergenceError``; no diverged state is checkpointed. Returns the run summary (also written to
   ``workdir/summary.json``): final test accuracy in percent, params, wall time, config.
   """
   from tqdm import tqdm
@@ -513,6 +612,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   state = create_train_state(config, model, tx, info['image_shape'], info['num_classes'],
                              jax.random.key(tc.seed), steps_per_epoch)
   n_params = param_count(state.params)
+  if config.dfa.method in FACTORED_METHODS:
+    unmatched = models.unmatched_overrides(state.params, parse_overrides(config.model.overrides))
+    if unmatched:
+      raise ConfigError(f'model.overrides {unmatched} match no layer of {config.model.name}; '
+                        f'its layers are {list(models.layer_paths(state.params))}.')
   cfg = StepConfig.from_config(
       config, tap_order(model, info['image_shape']) if config.dfa.align == 'next' else ())
   aligned = None
@@ -535,21 +639,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       elif config.dfa.delivery == 'full':
         why += (' (full feature-map feedback spans positions × channels; '
                 "dfa.align='channel_subspace' compares such blocks by channel)")
-      print(f'dfa.align={cfg.align!r} skips the factored blocks {skipped}: {why}. It acts on '
-            f"{aligned or 'no block'}; dfa.align='output' acts on every block.")
+      logging.info('dfa.align=%r skips the factored blocks %s: %s. It acts on %s; '
+                   "dfa.align='output' acts on every block.", cfg.align, skipped, why,
+                   aligned or 'no block')
   state = jax.device_put(state, NamedSharding(mesh, P()))
   train_fn, eval_fn, angle_fn = make_steps(cfg, mesh, state)
 
-  # Everything above validates; only now is anything written.
-  writer = MetricWriter(workdir)
+  # Everything above validates; only now is the workdir read, then written.
+  changes = check_workdir(config, workdir, allow_changed_config)
   mngr = None
   if workdir is not None:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
     mngr = _checkpoint_manager(workdir, tc.keep_checkpoints)
     if mngr.latest_step() is not None:
-      state = jax.device_put(_restore(mngr, state), NamedSharding(mesh, P()))
-  step = int(jax.device_get(state.step))
+      state = jax.device_put(_restore_checked(mngr, state, workdir), NamedSharding(mesh, P()))
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  step = resumed_at = int(jax.device_get(state.step))
+  if changes:
+    with open(os.path.join(workdir, 'config_changes.jsonl'), 'a') as f:
+      f.write(json.dumps({'step': step, 'changes': changes}) + '\n')
+  writer = MetricWriter(workdir, resume_step=step if step else None)
   if step:
     print(f'Resuming from step {step} in {workdir}.')
   end_step = total_steps if not tc.stop_after_steps else min(total_steps, tc.stop_after_steps)
@@ -558,6 +667,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   test_metrics: dict[str, float] = {}
   val_metrics: dict[str, float] = {}
   last_log, t_log = step, time.time()
+  max_loss = tc.get('max_loss', 0.0) or 20.0 * math.log(info['num_classes'])
+  metrics = None
+
+  def check_loss(loss: float, at_step: int) -> None:
+    if np.isfinite(loss) and loss <= max_loss:
+      return
+    last = mngr.latest_step() if mngr is not None else None
+    kept = ('Nothing was saved (no --workdir).' if mngr is None else
+            'No checkpoint had been saved yet, so none is kept.' if last is None else
+            f'The checkpoint of step {last} (saved while the loss was below the limit) is '
+            'kept; no diverged state was saved.')
+    raise DivergenceError(
+        f'training diverged at step {at_step}: train loss {loss:.4g} '
+        f'({"not finite" if not np.isfinite(loss) else f"above train.max_loss={max_loss:.3g}"}).'
+        f' {kept} Lower opt.lr (or set opt.clip_norm) and start again in a new --workdir.')
+
   try:
     while step < end_step:
       epoch, start_batch = divmod(step, steps_per_epoch)
@@ -570,7 +695,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
           workers=config.data.workers)) as batches:
         for batch in itertools.islice(batches, epoch_end - step):
           batch = shard_batch(batch, mesh)
-          if tc.angle_every and cfg.method in LOCAL_METHODS and step % tc.angle_every == 0:
+          if tc.angle_every and cfg.method in LOCAL_METHODS and step % tc.angle_every == 0 \
+              and not writer.logged(step, 'angle/'):  # kept from before a resume
             angles = jax.device_get(angle_fn(state, batch))
             writer.write(step, {f'angle/{k}': v for k, v in angles.items()})
           state, metrics = train_fn(state, batch)
@@ -581,6 +707,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
             last_log, t_log = step, time.time()
             loss = _log_train(writer, step, metrics, state, dt=dt, lr=float(schedule(step - 1)),
                               batch_size=tc.batch_size, epoch=step / steps_per_epoch)
+            check_loss(loss, step)
             bar.set_postfix(loss=f'{loss:.3f}')
       epoch_done = step % steps_per_epoch == 0
       n_epoch = step // steps_per_epoch
@@ -597,8 +724,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
             val_metrics = res
       if mngr is not None and ((epoch_done and n_epoch % tc.checkpoint_every_epochs == 0)
                                or step == end_step):
+        if metrics is not None:
+          check_loss(float(jax.device_get(metrics['loss'])), step)
         if not _all_finite(state.params):
-          raise FloatingPointError(f'non-finite params at step {step}; not checkpointing.')
+          raise DivergenceError(f'non-finite params at step {step}; not checkpointing. Lower '
+                                'opt.lr and start again in a new --workdir.')
         _save(mngr, state)
     if not test_metrics and 'test' in splits:  # e.g. a rerun of a finished run
       test_metrics = evaluate(eval_fn, state, *splits['test'], batch_size=tc.batch_size,
@@ -623,6 +753,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       'wall_time_s': time.time() - t_start, 'machine': _machine(),
       'subspace_align_blocks': aligned,
       'config': json.loads(config.to_json_best_effort()),
+      **({'config_changes': {'step': resumed_at, 'changes': changes}} if changes else {}),
   }
   if workdir is not None:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:

@@ -16,17 +16,37 @@ def _scalar(v: Any) -> Any:
 
 
 class MetricWriter:
-  """Appends ``{'step': ..., **scalars}`` to ``metrics.jsonl`` and TensorBoard under ``tb/``."""
+  """Appends ``{'step': ..., **scalars}`` to ``metrics.jsonl`` and TensorBoard under ``tb/``.
 
-  def __init__(self, workdir: str | None):
+  ``resume_step``: the step a resumed run restarts from. Records after it (written before
+  an interruption, and about to be written again) are dropped from ``metrics.jsonl`` and
+  purged from TensorBoard, so no step appears twice.
+  """
+
+  def __init__(self, workdir: str | None, resume_step: int | None = None):
     self.path = None
     self._tb = None
+    self._kept: dict[int, set[str]] = {}
     if workdir is None:
       return
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, 'metrics.jsonl')
+    if resume_step is not None and os.path.exists(self.path):
+      records = [r for r in read_jsonl(self.path) if r['step'] <= resume_step]
+      tmp = f'{self.path}.tmp'
+      with open(tmp, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+      os.replace(tmp, self.path)
+      for r in records:
+        if r['step'] == resume_step:
+          self._kept.setdefault(r['step'], set()).update(r)
     from tensorboardX import SummaryWriter  # imported lazily: optional at analysis time
-    self._tb = SummaryWriter(os.path.join(workdir, 'tb'))
+    self._tb = SummaryWriter(os.path.join(workdir, 'tb'),
+                             purge_step=None if resume_step is None else resume_step + 1)
+
+  def logged(self, step: int, prefix: str) -> bool:
+    """Whether a record kept from before the resume has a key starting with ``prefix``."""
+    return any(k.startswith(prefix) for k in self._kept.get(step, ()))
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if self.path is None:
@@ -47,4 +67,13 @@ class MetricWriter:
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   """All records of a ``metrics.jsonl``."""
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f.read().splitlines() if line.strip()]
+  out = []
+  for i, line in enumerate(lines):
+    try:
+      out.append(json.loads(line))
+    except ValueError:
+      if i < len(lines) - 1:
+        raise
+      # only the last line may be cut off (an interruption mid-write): it is dropped
+  return out

@@ -128,6 +128,24 @@ def test_checksum_mismatch_raises(tmp_path):
   assert not (tmp_path / 'c2' / 'fake').exists()
 
 
+def test_warm_cache_does_not_hide_a_corrupted_source(tmp_path, monkeypatch):
+  folder, _ = _write_fake(tmp_path / 'data')
+  root, cache = str(tmp_path / 'data'), str(tmp_path / 'cache')
+  data.load_offline('fake', root, cache_dir=cache)  # decodes, verifies, caches
+  decoded = []
+  real = data._decode_file
+  monkeypatch.setattr(data, '_decode_file', lambda *a: decoded.append(a[2]) or real(*a))
+  data.load_offline('fake', root, cache_dir=cache)
+  assert decoded == []  # an unchanged source is served from the cache
+  # the source file is damaged in place; meta.json (and so the cache key) is unchanged
+  raw = bytearray(lzma.decompress((folder / 'train_images.u8.xz').read_bytes()))
+  raw[5] ^= 0xFF
+  (folder / 'train_images.u8.xz').write_bytes(lzma.compress(bytes(raw)))
+  with pytest.raises(ValueError, match='checksum mismatch'):
+    data.load_offline('fake', root, cache_dir=cache)
+  assert decoded == ['train_images']
+
+
 def test_wrong_size_raises(tmp_path):
   folder, _ = _write_fake(tmp_path)
   (folder / 'test_labels.u8').write_bytes(b'\x00' * 3)
@@ -204,6 +222,19 @@ def test_load_dispatch():
     data.load('offline', 'cifar10', num_train=3)
   ds = data.load('synthetic', 'synthetic', num_train=40, num_test=8)
   assert ds['train'][0].shape == (40, 8, 8, 3) and ds['test'][1].shape == (8,)
+
+
+def test_synthetic_cells_make_a_coarse_pattern():
+  (x, y), _ = data.synthetic(num_train=2000, image_shape=(16, 16, 3), num_classes=2, cell=8).values()
+  mean = x[y == 0].astype(np.float32).mean(0) - 128.0  # the class pattern, noise averaged out
+  cells = mean.reshape(2, 8, 2, 8, 3)
+  assert np.abs(cells - cells.mean((1, 3), keepdims=True)).max() < 8.0  # constant per cell
+  assert np.abs(cells.mean((1, 3))).min() > 24.0  # ±32 (a little less after clipping)
+  # cell=1 (the default) draws exactly the per-pixel images of before cells existed
+  images = data.synthetic(seed=3, cell=1)['train'][0]
+  assert hashlib.sha256(images.tobytes()).hexdigest()[:16] == '9823c0261dc3dad5'
+  with pytest.raises(ValueError, match='cell side'):
+    data.synthetic(cell=0)
 
 
 def test_synthetic_deterministic_and_separable():

@@ -17,7 +17,7 @@ def _forward(model, x, local):
 
 
 def _setup(svd: bool, seed=0):
-  dense = functools.partial(layers.SVDDense, rank=1.0) if svd else nn.Dense
+  dense = functools.partial(layers.SVDDense, rank='full') if svd else nn.Dense
   model = models.MLP(features=(4, 4), num_classes=C, dense=dense, act=jnp.tanh)
   k = jax.random.split(jax.random.key(seed), 4)
   x = jax.random.normal(k[0], (B, D_IN))

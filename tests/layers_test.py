@@ -14,7 +14,7 @@ def _dense_from(params, kernel):
 
 def test_svd_dense_full_rank_equals_dense():
   x = jax.random.normal(jax.random.key(0), (5, 7))
-  layer = layers.SVDDense(4, rank=1.0)
+  layer = layers.SVDDense(4, rank='full')
   p = layer.init(jax.random.key(1), x)['params']
   p = {**p, 'bias': jnp.arange(4.0)}
   kernel = layers.rebuild_dense_kernel(p['u'], p['s'], p['v'])
@@ -41,7 +41,7 @@ def test_factor_dense_kernel_roundtrip_and_truncation():
                                              ((2, 1), 'VALID'), ((1, 2), ((1, 2), (0, 1)))])
 def test_svd_conv_full_rank_equals_conv(split, strides, padding):
   x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
-  layer = layers.SVDConv(5, (3, 2), rank=1.0, strides=strides, padding=padding, split=split)
+  layer = layers.SVDConv(5, (3, 2), rank='full', strides=strides, padding=padding, split=split)
   p = layer.init(jax.random.key(1), x)['params']
   p = {**p, 'bias': jnp.linspace(-1, 1, 5)}
   kernel = layers.rebuild_conv_kernel(p['u'], p['s'], p['v'], (3, 2), split)
@@ -78,6 +78,11 @@ def test_rank_resolution_and_errors():
   assert layers.resolve_rank(0.25, 64) == 16
   assert layers.resolve_rank(0.001, 64) == 1
   assert layers.resolve_rank(64, 64) == 64
+  # integer-valued floats (from the float-typed model.rank) are that rank, never "all of it"
+  assert layers.resolve_rank(1.0, 64) == 1 and layers.resolve_rank(2.0, 64) == 2
+  assert layers.resolve_rank('full', 64) == 64
+  with pytest.raises(ValueError, match="'full'"):
+    layers.resolve_rank('half', 64)
   with pytest.raises(ValueError, match='above full rank 4'):
     layers.SVDDense(4, rank=5).init(jax.random.key(0), jnp.zeros((1, 10)))
   with pytest.raises(ValueError, match='fraction'):

@@ -117,7 +117,7 @@ def test_dense_param_counts_match_the_references(name, size, classes, want):
 def test_svd_param_count_is_r_times_m_plus_n_plus_1(name):
   """Each factored layer holds r(m + n + 1) (+ bias) params at the rank its pattern gives."""
   kwargs, size = TINY[name]
-  overrides = {'conv1': 'dense', 'stage2*': 0.5, 'block1?/pw': 1.0, 'head': 'dense'}
+  overrides = {'conv1': 'dense', 'stage2*': 0.5, 'block1?/pw': 'full', 'head': 'dense'}
   dense = _init(models.build_model(name, num_classes=C, **kwargs), size)['params']
   svd = _init(models.build_model(name, num_classes=C, rank=0.25, overrides=overrides,
                                  split='spatial', **kwargs), size)['params']
@@ -299,7 +299,7 @@ def test_full_rank_svd_model_equals_dense_model(name):
   kwargs, size = COMPILED_CASES[name]
   dense = models.build_model(name, num_classes=C, **kwargs)
   dense_shapes = _init(dense, size)['params']
-  svds = {split: models.build_model(name, num_classes=C, rank=1.0, split=split, **kwargs)
+  svds = {split: models.build_model(name, num_classes=C, rank='full', split=split, **kwargs)
           for split in ('spatial', 'channel')}
   vs = {split: _variables(m, size, seed=i) for i, (split, m) in enumerate(svds.items())}
 

@@ -1,6 +1,7 @@
 """Training system: learning, resume, interruption, sharding, tracing, NaN handling."""
 import json
 import os
+import re
 
 import jax
 import ml_collections
@@ -10,7 +11,7 @@ import pytest
 
 from configs import default
 from lrdfa_jax import data as data_lib
-from lrdfa_jax import dfa, train
+from lrdfa_jax import dfa, train, writers
 
 
 def tiny_config(method='ssa', **overrides):
@@ -110,7 +111,10 @@ def test_sharded_step_equals_single_device():
     for _ in range(2):
       state, m = train_fn(state, b)
     out[n] = jax.device_get((state.params, m, angle_fn(state, b)))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), out[1], out[4])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), out[1][:2],
+               out[4][:2])
+  # angles in degrees: arccos near 0° turns float rounding of the cosine into ~0.03°
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.1), out[1][2], out[4][2])
 
 
 def _read_steps(workdir):
@@ -180,17 +184,132 @@ def test_tap_order_is_forward_order():
   assert np.isfinite(run['final_test_loss'])
 
 
-def test_nan_stops_and_keeps_last_checkpoint(tmp_path):
+def _tree_of(workdir):
+  """Every file under ``workdir`` with its bytes: what a refused call must leave untouched."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for f in files:
+      path = os.path.join(root, f)
+      with open(path, 'rb') as fh:
+        out[os.path.relpath(path, workdir)] = fh.read()
+  return out
+
+
+def test_divergence_stops_and_never_checkpoints_a_diverged_state(tmp_path):
+  # an exploding (finite) loss: Adam at lr 1e3, no checkpoint saved yet
+  fresh = str(tmp_path / 'fresh')
+  with pytest.raises(train.DivergenceError, match=r'above train.max_loss=.*No checkpoint had '
+                     r'been saved yet'):
+    train.train_and_evaluate(tiny_config(opt__lr=1e3, train__log_every=1), fresh)
+  assert not os.listdir(os.path.join(fresh, 'checkpoints'))
+  # a non-finite loss after a good checkpoint: the message names it, and it is the one kept
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(tiny_config(train__epochs=1), workdir)
   good = train.restore_checkpoint(tiny_config(), workdir)
-  # resume with a learning rate that turns the params into NaN (divergence, simulated)
-  blow = tiny_config(train__epochs=3, opt__lr=float('nan'), train__log_every=1)
-  with pytest.raises(FloatingPointError, match='last good checkpoint'):
-    train.train_and_evaluate(blow, workdir)
+  blow = tiny_config(train__epochs=3, opt__lr=1e30, train__log_every=1, train__max_loss=1e38)
+  with pytest.raises(train.DivergenceError, match='not finite.*checkpoint of step 8'):
+    train.train_and_evaluate(blow, workdir, allow_changed_config=True)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['8']
   kept = train.restore_checkpoint(tiny_config(), workdir)
   jax.tree.map(np.testing.assert_array_equal, good.params, kept.params)
+  # a loss that grows past the limit between log steps is caught before the save
+  late = str(tmp_path / 'late')
+  with pytest.raises(train.DivergenceError, match='above train.max_loss=0.001'):
+    train.train_and_evaluate(tiny_config(train__log_every=100, train__max_loss=1e-3), late)
+  assert not os.listdir(os.path.join(late, 'checkpoints'))
+
+
+def test_workdir_with_another_config_is_refused_before_anything_is_written(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(train__epochs=1), workdir)
+  before = _tree_of(workdir)
+  for kw, shown in ((dict(opt__lr=1e-2), 'opt.lr: 0.003 -> 0.01'),
+                    (dict(dfa__method='bp'), "dfa.method: 'ssa' -> 'bp'"),
+                    (dict(train__epochs=2), 'train.epochs: 1 -> 2')):
+    with pytest.raises(train.ConfigError, match=re.escape(shown) + '.*--allow_changed_config'):
+      train.train_and_evaluate(tiny_config(**{'train__epochs': 1, **kw}), workdir)
+    assert _tree_of(workdir) == before, kw
+  # allowed, but the checkpoint cannot hold another method's state: one line, nothing written
+  with pytest.raises(train.ConfigError, match='does not fit this config'):
+    train.train_and_evaluate(tiny_config(train__epochs=1, dfa__method='bp'), workdir,
+                             allow_changed_config=True)
+  assert _tree_of(workdir) == before
+  # fields that do not change what is computed may differ freely
+  same = train.train_and_evaluate(tiny_config(train__epochs=1, train__log_every=5,
+                                              train__progress_bar=True), workdir)
+  assert same['step'] == 8 and 'config_changes' not in same
+  # an allowed change continues the run and says so
+  more = train.train_and_evaluate(tiny_config(train__epochs=2), workdir,
+                                  allow_changed_config=True)
+  assert more['step'] == 16
+  assert more['config_changes'] == {'step': 8, 'changes': [('train.epochs', 1, 2)]}
+  assert os.path.exists(os.path.join(workdir, 'config_changes.jsonl'))
+
+
+def test_resume_after_a_kill_logs_no_step_twice(tmp_path):
+  """A run killed after its metrics passed the last checkpoint redoes those steps: the
+  metrics.jsonl rows and TensorBoard events after the checkpoint are replaced, not repeated."""
+  import shutil
+
+  a, c = str(tmp_path / 'a'), str(tmp_path / 'c')
+  config = tiny_config(train__angle_every=4)
+  train.train_and_evaluate(config, a)
+  shutil.copytree(a, c)
+  shutil.rmtree(os.path.join(c, 'checkpoints', '16'))  # killed before the last save
+  os.remove(os.path.join(c, 'summary.json'))
+  with open(os.path.join(c, 'metrics.jsonl'), 'a') as f:
+    f.write('{"step": 16, "train/lo')  # and in the middle of writing a row
+  train.train_and_evaluate(config, c)
+
+  def keys(workdir):
+    rows = writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+    pairs = [(r['step'], k) for r in rows for k in r if k != 'step']
+    assert len(pairs) == len(set(pairs)), 'a step was logged twice'
+    return set(pairs)
+  assert keys(c) == keys(a)
+  assert any(k == 'angle/conv2' and s == 8 for s, k in keys(c))  # measured once, at step 8
+  rows = writers.read_jsonl(os.path.join(a, 'metrics.jsonl'))
+  assert max(r['train/accuracy'] for r in rows if 'train/accuracy' in r) > 1.0  # percent
+  steps = [e.step for e in _reloaded(c).Scalars('train/loss')]
+  assert steps == sorted(set(steps)) and steps[-1] == 16
+  assert steps == [e.step for e in _reloaded(a).Scalars('train/loss')]
+
+
+def _reloaded(workdir):
+  from tensorboard.backend.event_processing import event_accumulator
+  ea = event_accumulator.EventAccumulator(os.path.join(workdir, 'tb'))
+  ea.Reload()
+  return ea
+
+
+def test_config_mistakes_are_one_line_errors():
+  with pytest.raises(train.ConfigError, match=r"\['conv9'\] match no layer of small_conv"):
+    train.train_and_evaluate(tiny_config(model__overrides='conv9:dense'))
+  for kw, reason in ((dict(opt__lr=-1.0), 'opt.lr=-1.0'), (dict(train__epochs=0), 'at least 1'),
+                     (dict(train__batch_size=0), 'positive batch size')):
+    with pytest.raises(train.ConfigError, match=re.escape(reason)):
+      train.train_and_evaluate(tiny_config(**kw))
+
+
+def test_config_changes_skip_fields_added_later_but_not_new_model_kwargs():
+  old = json.loads(tiny_config().to_json_best_effort())
+  del old['train']['max_loss'], old['data']['synthetic']['cell']  # added to the code later
+  new = tiny_config()
+  assert train.config_changes(old, json.loads(new.to_json_best_effort())) == []
+  new.model.kwargs.norm = 'batch'  # free-form constructor args: a new key is a new model
+  new.train.log_every = 7  # monitoring only
+  assert [f for f, *_ in train.config_changes(old, json.loads(new.to_json_best_effort()))] == \
+      ['model.kwargs']
+
+
+def test_integer_rank_one_is_rank_one_and_full_rank_is_asked_for_by_name():
+  ranks = {}
+  for rank, overrides in ((1.0, ''), (2.0, ''), (0.5, '*:full')):
+    c = tiny_config(model__rank=rank, model__overrides=overrides)
+    params = train.build_model(c, 4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']
+    ranks[rank] = {n: l['s'].shape[0] for n, l in train._svd_layers(params).items()}
+  assert set(ranks[1.0].values()) == {1} and set(ranks[2.0].values()) == {2}
+  assert ranks[0.5]['head'] == 4 and ranks[0.5]['fc1'] == 8  # min(in, out): 8 features in
 
 
 def test_angles_and_layer_stats_are_logged(tmp_path):
@@ -234,9 +353,9 @@ def test_small_conv_taps_before_or_after_the_pool():
     train.build_model(config, 4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
 
 
-def test_subspace_alignment_blocks_follow_the_delivery(tmp_path, capsys):
+def test_subspace_alignment_blocks_follow_the_delivery(tmp_path, caplog):
   """Full-map feedback leaves the subspace term only the dense block (and 1×1 maps); the run
-  says so. 'channel_subspace' compares the conv blocks by channel and reaches all of them."""
+  logs it (INFO: a notice about the project's own default is not printed). 'channel_subspace' compares the conv blocks by channel and reaches all of them."""
   acting = {}
   for delivery in ('channel', 'full'):
     config = tiny_config('ssa', dfa__delivery=delivery)
@@ -245,15 +364,17 @@ def test_subspace_alignment_blocks_follow_the_delivery(tmp_path, capsys):
   # 8×8 images: conv3's tap is 1×1 after the pools, so its full map is just its channels
   assert acting == {'channel': ['conv1', 'conv2', 'conv3', 'fc1'], 'full': ['conv3', 'fc1']}
   config = tiny_config('ssa', dfa__delivery='full', train__stop_after_steps=1)
-  s = train.train_and_evaluate(config, None)
+  with caplog.at_level('INFO', logger='absl'):
+    s = train.train_and_evaluate(config, None)
   assert s['subspace_align_blocks'] == ['conv3', 'fc1']
-  assert "skips the factored blocks ['conv1', 'conv2']" in capsys.readouterr().out
-  train.train_and_evaluate(tiny_config('ssa', train__stop_after_steps=1), None)
-  assert 'skips' not in capsys.readouterr().out  # channel broadcast: every block matches
+  assert "skips the factored blocks ['conv1', 'conv2']" in caplog.text
+  caplog.clear()
+  with caplog.at_level('INFO', logger='absl'):
+    train.train_and_evaluate(tiny_config('ssa', train__stop_after_steps=1), None)
+  assert 'skips' not in caplog.text  # channel broadcast: every block matches
   s = train.train_and_evaluate(tiny_config('ssa', dfa__delivery='full', train__stop_after_steps=1,
                                            dfa__align='channel_subspace'), None)
   assert s['subspace_align_blocks'] == ['conv1', 'conv2', 'conv3', 'fc1']
-  assert 'skips' not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('learn,signal', [('global', 'global'), ('local', 'local')])
