@@ -70,6 +70,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   o.clip_norm = 0.0          # 0: no clipping
   o.retract_every = 0        # exact QR retraction of the factors every N steps (0: never)
 
+  c.rank = r = ml_collections.ConfigDict()  # rank reduction during training (svd_bp/ssa)
+  r.epochs = ()              # reduce after these epochs, e.g. '(3, 6)'; (): the rank is fixed
+  r.energy = 0.95            # each layer keeps its smallest rank holding this share of Σ s²
+  r.floor = 1.0              # never below: an int rank, or a fraction 0 < f < 1 of full rank
+
   c.train = t = ml_collections.ConfigDict()
   t.epochs = 10
   t.batch_size = 128         # global; divisible by the device count

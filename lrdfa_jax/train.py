@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lrdfa_jax import data as data_lib
 from lrdfa_jax import dfa, feedback as fb, layers, losses, models, optim, signals
+from lrdfa_jax import rank as rank_lib
 
 METHODS = ('bp', 'svd_bp', 'dfa', 'ssa')
 LOCAL_METHODS = ('dfa', 'ssa')
@@ -216,6 +217,18 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if not config.opt.lr > 0:
     raise ConfigError(f'opt.lr={config.opt.lr}: the learning rate must be positive '
                       '(e.g. 1e-3).')
+  r = config.get('rank')
+  if r is not None and r.epochs:
+    if method not in FACTORED_METHODS:
+      raise ConfigError(f'rank.epochs reduces factored layers: it applies to '
+                        f'{", ".join(FACTORED_METHODS)}, not {method}. Leave it ().')
+    if any(int(e) != e or not 1 <= e <= config.train.epochs for e in r.epochs):
+      raise ConfigError(f'rank.epochs={tuple(r.epochs)}: give epochs in [1, '
+                        f'{config.train.epochs}] after which to reduce, e.g. (3, 6).')
+    if not 0.0 < r.energy <= 1.0:
+      raise ConfigError(f'rank.energy={r.energy}: the share of Σ s² to keep lies in (0, 1].')
+    if not (r.floor >= 1 and float(r.floor).is_integer()) and not 0.0 < r.floor < 1.0:
+      raise ConfigError(f'rank.floor={r.floor}: an int rank >= 1 or a fraction in (0, 1).')
   if config.train.get('max_loss', 0.0) < 0:
     raise ConfigError('train.max_loss must be >= 0 (0: 20 × the chance loss ln(classes)).')
   if config.dfa.align not in dfa.ALIGNMENTS:
@@ -239,12 +252,16 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     raise ConfigError('dfa.readout_temperature must be positive (LLS uses 0.5).')
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  """Dense model for ``bp``/``dfa``; SVD layers at ``model.rank`` for ``svd_bp``/``ssa``."""
+def build_model(config: ml_collections.ConfigDict, num_classes: int, rank_overrides: str = ''):
+  """Dense model for ``bp``/``dfa``; SVD layers at ``model.rank`` for ``svd_bp``/``ssa``.
+
+  ``rank_overrides`` (``'conv2:12,fc1:30'``, after ``model.overrides``, so they win): the
+  per-layer ranks of a model reduced during training (:mod:`lrdfa_jax.rank`).
+  """
   m = config.model
   rank = m.rank if config.dfa.method in FACTORED_METHODS else None
-  return models.build_model(m.name, num_classes=num_classes, rank=rank,
-                            overrides=parse_overrides(m.overrides) if rank is not None else None,
+  overrides = parse_overrides(f'{m.overrides},{rank_overrides}') if rank is not None else None
+  return models.build_model(m.name, num_classes=num_classes, rank=rank, overrides=overrides,
                             split=m.split, act=m.act, **m.kwargs.to_dict())
 
 
@@ -558,20 +575,61 @@ def _log_train(writer, step, metrics, state, *, dt, lr, batch_size, epoch) -> fl
   return loss
 
 
+def _checkpoint_steps(workdir: str | None) -> list[int]:
+  """The finished checkpoint steps in ``workdir/checkpoints`` (read without creating it)."""
+  path = os.path.join(workdir, 'checkpoints') if workdir else None
+  if path is None or not os.path.isdir(path):
+    return []
+  return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+
+
+def rank_reductions(workdir: str | None, up_to_step: int | None = None) -> list[dict]:
+  """The rank reductions of a run (``workdir/ranks.jsonl``) at or before ``up_to_step``."""
+  from lrdfa_jax.writers import read_jsonl
+  path = os.path.join(workdir, 'ranks.jsonl') if workdir else None
+  if path is None or not os.path.exists(path):
+    return []
+  return [r for r in read_jsonl(path) if up_to_step is None or r['step'] <= up_to_step]
+
+
+def reduce_ranks(config: ml_collections.ConfigDict, state: TrainState, num_classes: int
+                 ) -> tuple[TrainState, dict[str, int]]:
+  """``state`` with every factored layer cut to the rank that keeps ``rank.energy`` of its
+  singular-value energy (not below ``rank.floor``), its optimizer moments and feedback sliced
+  to match and ``apply_fn`` rebuilt at the new ranks; on the host. Also returns the new
+  ranks by layer path (empty: nothing to cut, ``state`` unchanged)."""
+  host = jax.device_get(state)
+  floor = config.rank.floor
+  ranks = rank_lib.choose_ranks(host.params, config.rank.energy,
+                                int(floor) if float(floor).is_integer() else floor)
+  if not ranks:
+    return state, {}
+  params, opt_state, feedback, f_opt = rank_lib.reduce(
+      host.params, host.opt_state, ranks, feedback=host.feedback,
+      feedback_opt_state=host.feedback_opt_state)
+  model = build_model(config, num_classes, rank_lib.rank_overrides(params))
+  new = host.replace(apply_fn=model.apply, params=params, opt_state=opt_state,
+                     feedback=feedback, feedback_opt_state=f_opt)
+  return new, {'/'.join(p): r for p, r in ranks.items()}
+
+
 def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                        step: int | None = None) -> TrainState:
-  """The TrainState saved in ``workdir/checkpoints`` (latest, or ``step``), on the host."""
+  """The TrainState saved in ``workdir/checkpoints`` (latest, or ``step``), on the host,
+  at the ranks it had then (after any rank reduction)."""
   import orbax.checkpoint as ocp
   info = _dataset_info(config)
-  model = build_model(config, info['num_classes'])
+  steps = _checkpoint_steps(workdir)
+  step = (steps[-1] if steps else None) if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints.')
+  reduced = rank_reductions(workdir, step)
+  model = build_model(config, info['num_classes'], reduced[-1]['overrides'] if reduced else '')
   tx, _ = build_tx(config, total_steps=1)  # the schedule does not shape the optimizer state
   state = create_train_state(config, model, tx, info['image_shape'], info['num_classes'],
                              jax.random.key(config.train.seed))
   mngr = _checkpoint_manager(workdir, config.train.keep_checkpoints)
   try:
-    step = mngr.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f'no checkpoint in {workdir}/checkpoints.')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
   finally:
@@ -607,11 +665,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     raise ConfigError(f'train.batch_size={tc.batch_size} exceeds the {len(images)} training '
                       'examples.')
   total_steps = tc.epochs * steps_per_epoch
-  model = build_model(config, info['num_classes'])
+  # a run reduced before its last checkpoint resumes at the ranks it had then
+  steps_saved = _checkpoint_steps(workdir)
+  reductions = rank_reductions(workdir, steps_saved[-1]) if steps_saved else []
+  model = build_model(config, info['num_classes'],
+                      reductions[-1]['overrides'] if reductions else '')
   tx, schedule = build_tx(config, total_steps)
   state = create_train_state(config, model, tx, info['image_shape'], info['num_classes'],
                              jax.random.key(tc.seed), steps_per_epoch)
-  n_params = param_count(state.params)
   if config.dfa.method in FACTORED_METHODS:
     unmatched = models.unmatched_overrides(state.params, parse_overrides(config.model.overrides))
     if unmatched:
@@ -655,6 +716,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   step = resumed_at = int(jax.device_get(state.step))
+  if os.path.exists(os.path.join(workdir or '', 'ranks.jsonl')):
+    # drop the reductions an interrupted run made after its last checkpoint
+    with open(os.path.join(workdir, 'ranks.jsonl'), 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in reductions)
+  rank_epochs = set(config.rank.epochs) if config.get('rank') else set()
   if changes:
     with open(os.path.join(workdir, 'config_changes.jsonl'), 'a') as f:
       f.write(json.dumps({'step': step, 'changes': changes}) + '\n')
@@ -711,6 +777,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
             bar.set_postfix(loss=f'{loss:.3f}')
       epoch_done = step % steps_per_epoch == 0
       n_epoch = step // steps_per_epoch
+      if epoch_done and n_epoch in rank_epochs:
+        before = param_count(state.params)
+        state, ranks = reduce_ranks(config, state, info['num_classes'])
+        if ranks:  # new shapes: one recompile
+          state = jax.device_put(state, NamedSharding(mesh, P()))
+          train_fn, eval_fn, angle_fn = make_steps(cfg, mesh, state)
+          record = {'step': step, 'epoch': n_epoch, 'ranks': ranks,
+                    'overrides': rank_lib.rank_overrides(state.params),
+                    'params_before': before, 'trainable_params': param_count(state.params)}
+          reductions.append(record)
+          if workdir is not None:
+            with open(os.path.join(workdir, 'ranks.jsonl'), 'a') as f:
+              f.write(json.dumps(record) + '\n')
+          writer.write(step, {'trainable_params': record['trainable_params']})
+          shown = ', '.join(f'{k} {v}' for k, v in ranks.items())
+          tqdm.write(f'epoch {n_epoch}: ranks reduced ({shown}); {before:,} -> '
+                     f'{record["trainable_params"]:,} trainable params')
       if (epoch_done and n_epoch % tc.eval_every_epochs == 0) or step == end_step:
         for split in [s for s in ('validation', 'test') if s in splits]:
           res = evaluate(eval_fn, state, *splits[split], batch_size=tc.batch_size, info=info,
@@ -749,7 +832,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       'final_test_accuracy': test_metrics.get('accuracy'), 'final_test_top5': test_metrics.get('top5'),
       'final_test_loss': test_metrics.get('loss'),
       'final_validation_accuracy': val_metrics.get('accuracy'),
-      'final_validation_loss': val_metrics.get('loss'), 'trainable_params': n_params,
+      'final_validation_loss': val_metrics.get('loss'),
+      'trainable_params': param_count(state.params),
+      **({'initial_trainable_params': reductions[0]['params_before'],
+          'rank_reductions': reductions}
+         if reductions else {}),
       'wall_time_s': time.time() - t_start, 'machine': _machine(),
       'subspace_align_blocks': aligned,
       'config': json.loads(config.to_json_best_effort()),

@@ -400,3 +400,38 @@ def test_learned_feedback_needs_its_signal():
     train.train_and_evaluate(tiny_config(dfa__learn_feedback='global', dfa__signal='local'))
   with pytest.raises(train.ConfigError, match='learn_feedback'):
     train.train_and_evaluate(tiny_config(dfa__learn_feedback='kp'))
+
+
+@pytest.mark.parametrize('method,kw', [
+    ('svd_bp', {}),
+    ('ssa', dict(dfa__signal='local', dfa__readout_dim=32, dfa__learn_feedback='local',
+                 dfa__feedback_lr=1e-2)),
+])
+def test_rank_reduction_during_training_resumes_bit_identically(tmp_path, method, kw):
+  """Reduced after epoch 1 of 2 (step 8): the run recompiles at the new ranks, logs them, and a
+  run interrupted before (step 5), at (8) or after (12) the reduction ends identically."""
+  kw = dict(kw, dfa__method=method, rank__epochs=(1,), rank__energy=0.5)
+  full = train.train_and_evaluate(tiny_config(**kw), str(tmp_path / 'full'))
+  (red,) = full['rank_reductions']
+  assert red['step'] == 8 and red['ranks'] and full['trainable_params'] < full[
+      'initial_trainable_params'] == red['params_before']
+  sa = train.restore_checkpoint(tiny_config(**kw), str(tmp_path / 'full'))
+  for path, r in red['ranks'].items():
+    layer = sa.params
+    for k in path.split('/'):
+      layer = layer[k]
+    assert layer['s'].shape == (r,) and layer['u'].shape[1] == r
+  for stop in (5, 8, 12):
+    workdir = str(tmp_path / f'stop{stop}')
+    train.train_and_evaluate(tiny_config(train__stop_after_steps=stop, **kw), workdir)
+    rest = train.train_and_evaluate(tiny_config(**kw), workdir)
+    assert rest['rank_reductions'] == full['rank_reductions']
+    sb = train.restore_checkpoint(tiny_config(**kw), workdir)
+    jax.tree.map(np.testing.assert_array_equal,
+                 (sa.params, sa.opt_state, sa.feedback, sa.feedback_opt_state),
+                 (sb.params, sb.opt_state, sb.feedback, sb.feedback_opt_state))
+    assert rest['final_test_accuracy'] == full['final_test_accuracy']
+  with pytest.raises(train.ConfigError, match='rank.epochs reduces factored layers'):
+    train.train_and_evaluate(tiny_config(dfa__method='dfa', rank__epochs=(1,)))
+  with pytest.raises(train.ConfigError, match=r'rank.epochs=\(3,\)'):
+    train.train_and_evaluate(tiny_config(dfa__method='ssa', rank__epochs=(3,)))
