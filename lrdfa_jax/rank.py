@@ -7,7 +7,8 @@ Pure functions on pytrees (no config, no model): the training loop calls
 Which directions are kept: a layer ``U diag(s) Vᵀ`` keeps the columns of its ``r'`` largest
 ``|s|`` (sorted, so the kept layer is the best rank-``r'`` truncation when U and V are
 orthonormal). Which optimizer leaves are sliced: every leaf of the optax state whose key path
-ends with a reduced layer's path and factor name (``.../conv2/u``) and whose shape is that
+ends with a reduced layer's path and factor name (``.../conv2/u``: the whole run of trailing
+dict keys, so ``conv1`` does not match ``stage1_block0/conv1``) and whose shape is that
 factor's: Adam's ``mu``/``nu``, SGD's momentum, masked or chained states alike, found by tree
 structure, never by optimizer name. Counters and scalars are left as they are. The feedback
 of a block whose ``k`` exceeds its layer's new rank keeps its first ``k = r'`` directions
@@ -109,11 +110,11 @@ def slice_like(tree: Any, params: Any, keep: Mapping[tuple[str, ...], np.ndarray
       targets[path + (name,)] = (axis, np.asarray(idx), tuple(layer[name].shape))
 
   def take(path, x):
-    names = _names(path)
-    for i in range(len(names)):
-      hit = targets.get(names[i:])
-      if hit is not None and tuple(getattr(x, 'shape', ())) == hit[2]:
-        return jnp.take(x, hit[1], axis=hit[0])
+    # the whole run of trailing dict keys must be the factor's path: a top-level conv1 must
+    # not match stage1_block0/conv1
+    hit = targets.get(_names(path))
+    if hit is not None and tuple(getattr(x, 'shape', ())) == hit[2]:
+      return jnp.take(x, hit[1], axis=hit[0])
     return x
 
   return jax.tree_util.tree_map_with_path(take, tree)

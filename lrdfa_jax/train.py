@@ -260,7 +260,12 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, rank_overri
   """
   m = config.model
   rank = m.rank if config.dfa.method in FACTORED_METHODS else None
-  overrides = parse_overrides(f'{m.overrides},{rank_overrides}') if rank is not None else None
+  overrides = None
+  if rank is not None:
+    overrides = parse_overrides(m.overrides)
+    for name, r in parse_overrides(rank_overrides).items():
+      overrides.pop(name, None)  # re-inserted last: the last matching pattern wins
+      overrides[name] = r
   return models.build_model(m.name, num_classes=num_classes, rank=rank, overrides=overrides,
                             split=m.split, act=m.act, **m.kwargs.to_dict())
 
@@ -665,6 +670,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     raise ConfigError(f'train.batch_size={tc.batch_size} exceeds the {len(images)} training '
                       'examples.')
   total_steps = tc.epochs * steps_per_epoch
+  changes = check_workdir(config, workdir, allow_changed_config)  # reads only
   # a run reduced before its last checkpoint resumes at the ranks it had then
   steps_saved = _checkpoint_steps(workdir)
   reductions = rank_reductions(workdir, steps_saved[-1]) if steps_saved else []
@@ -706,8 +712,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   state = jax.device_put(state, NamedSharding(mesh, P()))
   train_fn, eval_fn, angle_fn = make_steps(cfg, mesh, state)
 
-  # Everything above validates; only now is the workdir read, then written.
-  changes = check_workdir(config, workdir, allow_changed_config)
+  # Everything above validates; only now is the workdir written.
   mngr = None
   if workdir is not None:
     mngr = _checkpoint_manager(workdir, tc.keep_checkpoints)
@@ -716,15 +721,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
   step = resumed_at = int(jax.device_get(state.step))
-  if os.path.exists(os.path.join(workdir or '', 'ranks.jsonl')):
+  if workdir is not None and os.path.exists(os.path.join(workdir, 'ranks.jsonl')):
     # drop the reductions an interrupted run made after its last checkpoint
-    with open(os.path.join(workdir, 'ranks.jsonl'), 'w') as f:
+    tmp = os.path.join(workdir, 'ranks.jsonl.tmp')
+    with open(tmp, 'w') as f:
       f.writelines(json.dumps(r) + '\n' for r in reductions)
+    os.replace(tmp, os.path.join(workdir, 'ranks.jsonl'))
   rank_epochs = set(config.rank.epochs) if config.get('rank') else set()
   if changes:
     with open(os.path.join(workdir, 'config_changes.jsonl'), 'a') as f:
       f.write(json.dumps({'step': step, 'changes': changes}) + '\n')
-  writer = MetricWriter(workdir, resume_step=step if step else None)
+  writer = MetricWriter(workdir, resume_step=step)  # rows after `step`: from a killed run
   if step:
     print(f'Resuming from step {step} in {workdir}.')
   end_step = total_steps if not tc.stop_after_steps else min(total_steps, tc.stop_after_steps)
@@ -736,18 +743,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   max_loss = tc.get('max_loss', 0.0) or 20.0 * math.log(info['num_classes'])
   metrics = None
 
-  def check_loss(loss: float, at_step: int) -> None:
-    if np.isfinite(loss) and loss <= max_loss:
-      return
+  def kept() -> str:
     last = mngr.latest_step() if mngr is not None else None
-    kept = ('Nothing was saved (no --workdir).' if mngr is None else
+    return ('Nothing was saved (no --workdir).' if mngr is None else
             'No checkpoint had been saved yet, so none is kept.' if last is None else
             f'The checkpoint of step {last} (saved while the loss was below the limit) is '
             'kept; no diverged state was saved.')
+
+  def check_loss(loss: float, at_step: int, what: str = 'train loss') -> None:
+    if np.isfinite(loss) and loss <= max_loss:
+      return
     raise DivergenceError(
-        f'training diverged at step {at_step}: train loss {loss:.4g} '
+        f'training diverged at step {at_step}: {what} {loss:.4g} '
         f'({"not finite" if not np.isfinite(loss) else f"above train.max_loss={max_loss:.3g}"}).'
-        f' {kept} Lower opt.lr (or set opt.clip_norm) and start again in a new --workdir.')
+        f' {kept()} Lower opt.lr (or set opt.clip_norm) and start again in a new --workdir.')
 
   try:
     while step < end_step:
@@ -801,6 +810,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
           writer.write(step, {f'{split}/{k}': v for k, v in res.items()})
           tqdm.write(f'epoch {step / steps_per_epoch:.2f} step {step}: {split} accuracy '
                      f'{res["accuracy"]:.2f}% loss {res["loss"]:.4f}')
+          check_loss(res['loss'], step, f'{split} loss')  # of the params about to be saved
           if split == 'test':
             test_metrics = res
           else:
@@ -810,8 +820,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
         if metrics is not None:
           check_loss(float(jax.device_get(metrics['loss'])), step)
         if not _all_finite(state.params):
-          raise DivergenceError(f'non-finite params at step {step}; not checkpointing. Lower '
-                                'opt.lr and start again in a new --workdir.')
+          raise DivergenceError(f'non-finite params at step {step}; not checkpointing. {kept()} '
+                                'Lower opt.lr and start again in a new --workdir.')
         _save(mngr, state)
     if not test_metrics and 'test' in splits:  # e.g. a rerun of a finished run
       test_metrics = evaluate(eval_fn, state, *splits['test'], batch_size=tc.batch_size,

@@ -101,3 +101,15 @@ def test_rank_overrides_rebuild_the_reduced_model_and_bad_ranks_fail():
     rank.reduce(params, (), {('fc1',): 7})
   with pytest.raises(KeyError, match='no factored layer fc9'):
     rank.reduce(params, (), {('fc9',): 2})
+
+
+def test_a_top_level_layer_does_not_match_a_nested_one_of_the_same_name():
+  layer = lambda k: {n: jax.random.normal(jax.random.key(k), sh)  # noqa: E731
+                     for n, sh in (('u', (6, 4)), ('s', (4,)), ('v', (6, 4)), ('bias', (6,)))}
+  params = {'conv1': layer(0), 'stage1_block0': {'conv1': layer(1)}}
+  state = optax.adam(1e-3).init(params)
+  new, new_state, _, _ = rank.reduce(params, state, {('conv1',): 2})
+  assert new['conv1']['u'].shape == (6, 2)
+  jax.tree.map(np.testing.assert_array_equal, new['stage1_block0'], params['stage1_block0'])
+  assert new_state[0].mu['stage1_block0']['conv1']['u'].shape == (6, 4)
+  assert new_state[0].mu['conv1']['s'].shape == (2,)

@@ -251,28 +251,32 @@ def test_resume_after_a_kill_logs_no_step_twice(tmp_path):
   metrics.jsonl rows and TensorBoard events after the checkpoint are replaced, not repeated."""
   import shutil
 
-  a, c = str(tmp_path / 'a'), str(tmp_path / 'c')
+  a = str(tmp_path / 'a')
   config = tiny_config(train__angle_every=4)
   train.train_and_evaluate(config, a)
-  shutil.copytree(a, c)
-  shutil.rmtree(os.path.join(c, 'checkpoints', '16'))  # killed before the last save
-  os.remove(os.path.join(c, 'summary.json'))
-  with open(os.path.join(c, 'metrics.jsonl'), 'a') as f:
-    f.write('{"step": 16, "train/lo')  # and in the middle of writing a row
-  train.train_and_evaluate(config, c)
-
-  def keys(workdir):
-    rows = writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
-    pairs = [(r['step'], k) for r in rows for k in r if k != 'step']
-    assert len(pairs) == len(set(pairs)), 'a step was logged twice'
-    return set(pairs)
-  assert keys(c) == keys(a)
-  assert any(k == 'angle/conv2' and s == 8 for s, k in keys(c))  # measured once, at step 8
+  for killed in (('16',), ('8', '16')):  # before the last save; before the first one
+    c = str(tmp_path / f'c{len(killed)}')
+    shutil.copytree(a, c)
+    for step in killed:
+      shutil.rmtree(os.path.join(c, 'checkpoints', step))
+    os.remove(os.path.join(c, 'summary.json'))
+    with open(os.path.join(c, 'metrics.jsonl'), 'a') as f:
+      f.write('{"step": 16, "train/lo')  # and in the middle of writing a row
+    train.train_and_evaluate(config, c)
+    assert _keys(c) == _keys(a), killed
+    steps = [e.step for e in _reloaded(c).Scalars('train/loss')]
+    assert steps == sorted(set(steps)) and steps[-1] == 16
+    assert steps == [e.step for e in _reloaded(a).Scalars('train/loss')]
+  assert any(k == 'angle/conv2' and s == 8 for s, k in _keys(c))  # measured once, at step 8
   rows = writers.read_jsonl(os.path.join(a, 'metrics.jsonl'))
   assert max(r['train/accuracy'] for r in rows if 'train/accuracy' in r) > 1.0  # percent
-  steps = [e.step for e in _reloaded(c).Scalars('train/loss')]
-  assert steps == sorted(set(steps)) and steps[-1] == 16
-  assert steps == [e.step for e in _reloaded(a).Scalars('train/loss')]
+
+
+def _keys(workdir):
+  rows = writers.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  pairs = [(r['step'], k) for r in rows for k in r if k != 'step']
+  assert len(pairs) == len(set(pairs)), 'a step was logged twice'
+  return set(pairs)
 
 
 def _reloaded(workdir):
@@ -280,6 +284,14 @@ def _reloaded(workdir):
   ea = event_accumulator.EventAccumulator(os.path.join(workdir, 'tb'))
   ea.Reload()
   return ea
+
+
+def test_a_run_without_workdir_ignores_files_in_the_current_folder(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'ranks.jsonl').write_text('{"step": 0}\n')
+  (tmp_path / 'config.json').write_text('{}')
+  s = train.train_and_evaluate(tiny_config(train__stop_after_steps=1))
+  assert s['step'] == 1 and (tmp_path / 'ranks.jsonl').read_text() == '{"step": 0}\n'
 
 
 def test_config_mistakes_are_one_line_errors():
@@ -310,6 +322,11 @@ def test_integer_rank_one_is_rank_one_and_full_rank_is_asked_for_by_name():
     ranks[rank] = {n: l['s'].shape[0] for n, l in train._svd_layers(params).items()}
   assert set(ranks[1.0].values()) == {1} and set(ranks[2.0].values()) == {2}
   assert ranks[0.5]['head'] == 4 and ranks[0.5]['fc1'] == 8  # min(in, out): 8 features in
+  # a reduced model's ranks win over any earlier pattern of model.overrides
+  c = tiny_config(model__rank=0.5, model__overrides='fc1:3,*:2')
+  model = train.build_model(c, 4, rank_overrides='fc1:1')
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']
+  assert params['fc1']['s'].shape == (1,) and params['conv2']['s'].shape == (2,)
 
 
 def test_angles_and_layer_stats_are_logged(tmp_path):
