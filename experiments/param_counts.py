@@ -3,7 +3,7 @@
 Command (from the repository root; shapes only, nothing runs; ~1 minute on CPU)::
 
   python -m experiments.param_counts            # every model config
-  python -m experiments.param_counts --configs=configs/resnet20_cifar10.py --rank=0.5
+  python -m experiments.param_counts --configs='zoo:resnet20,cifar10 cifar100' --rank=0.5
 
 For each config: ``bp``/``dfa`` train the dense model, ``svd_bp``/``ssa`` the factored one at
 the config's ``model.rank`` with its ``model.overrides`` (layers kept dense are counted in
@@ -25,13 +25,17 @@ import numpy as np
 
 from lrdfa_jax import models, train
 
-CONFIGS = ('cifar10', 'vgg13_cifar10', 'resnet20_cifar10', 'resnet32_cifar10',
-           'resnet56_cifar10', 'mobilenet_v1_cifar10', 'resnet18_imagenet', 'resnet50_imagenet')
+CONFIGS = ('cifar10', *(f'zoo:{m},cifar10' for m in ('vgg13', 'resnet20', 'resnet32', 'resnet56',
+                                                     'mobilenet_v1')),
+           'zoo:resnet18,imagenet2012', 'zoo:resnet50,imagenet2012')
 
 
 def _load(name: str):
-  module = name.removeprefix('configs/').removesuffix('.py').replace('/', '.')
-  return importlib.import_module(f'configs.{module}').get_config()
+  """``cifar10``, ``configs/cifar10.py`` or ``zoo:resnet20,cifar10`` (file:argument)."""
+  path, _, arg = name.partition(':')
+  module = path.removeprefix('configs/').removesuffix('.py').replace('/', '.')
+  get = importlib.import_module(f'configs.{module}').get_config
+  return get(arg) if arg else get()
 
 
 def _size(tree) -> int:
@@ -81,12 +85,12 @@ def table(names: Sequence[str], rank: float | None = None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
-  parser.add_argument('--configs', default=','.join(CONFIGS),
-                      help='comma separated config names (configs/x.py or x)')
+  parser.add_argument('--configs', default=' '.join(CONFIGS),
+                      help='space separated config names (x, configs/x.py, zoo:MODEL,DATASET)')
   parser.add_argument('--rank', type=float, default=None,
                       help='override model.rank of every config')
   args = parser.parse_args(argv)
-  print(table([n for n in args.configs.split(',') if n], args.rank))
+  print(table([n for n in args.configs.split() if n], args.rank))
 
 
 if __name__ == '__main__':

@@ -1,7 +1,6 @@
 """The model zoo: builds, parameter counts, a train step per method, full-rank equality,
 block locality, the per-layer rank syntax and the block -> output-layer convention."""
 import functools
-import importlib
 import os
 
 import flax.linen as nn
@@ -416,29 +415,31 @@ def test_max_pool_3x3_s2_equals_nn_max_pool():
 
 # ---------------------------------------------------------------- configs, param counts
 
-ZOO_CONFIGS = [f'{m}_{d}' for m in ('vgg13', 'resnet20', 'resnet32', 'resnet56', 'mobilenet_v1')
-               for d in ('cifar10', 'cifar100')] + ['resnet18_imagenet', 'resnet50_imagenet']
-
-
-@pytest.mark.parametrize('name', ZOO_CONFIGS)
-def test_zoo_configs_build_every_method(name):
-  module = importlib.import_module(f'configs.{name}')
-  model_name, dataset = name.rsplit('_', 1)
-  for arg in ('', 'smoke'):
-    c = module.get_config(arg)
-    assert c.model.name == model_name and c.data.name.startswith(dataset)
-    assert (c.data.source == 'synthetic') == (arg == 'smoke')
-    train.check_config(c, 1)
-  c.dfa.method = 'ssa'  # builds the factored model; layer names do not depend on the input size
-  params = _init(train.build_model(c, train._dataset_info(c)['num_classes']), 32)['params']
-  assert models.unmatched_overrides(params, train.parse_overrides(c.model.overrides)) == []
-  assert any(layers.is_svd_layer(l) for l in models.layer_paths(params).values())
+def test_zoo_config_builds_every_model_and_dataset_and_refuses_bad_pairs():
+  from configs import zoo
+  assert len(zoo.PAIRS) == 12
+  for model_name, dataset in zoo.PAIRS:
+    for arg in ('', ',smoke'):
+      c = zoo.get_config(f'{model_name},{dataset}{arg}')
+      assert c.model.name == model_name and c.data.name == dataset
+      assert (c.data.source == 'synthetic') == (arg == ',smoke')
+      train.check_config(c, 1)
+    c.dfa.method = 'ssa'  # the factored model; layer names do not depend on the input size
+    params = _init(train.build_model(c, train._dataset_info(c)['num_classes']), 32)['params']
+    assert models.unmatched_overrides(params, train.parse_overrides(c.model.overrides)) == []
+    assert any(layers.is_svd_layer(l) for l in models.layer_paths(params).values())
+  for bad, reason in (('resnet21,cifar10', 'MODEL,DATASET'), ('resnet20', 'MODEL,DATASET'),
+                      ('resnet18,cifar10', 'resnet18 is built for imagenet2012'),
+                      ('vgg13,imagenet2012', 'vgg13 is built for cifar10 or cifar100')):
+    with pytest.raises(ValueError, match=reason):
+      zoo.get_config(bad)
 
 
 def test_param_counts_command_lists_dense_and_svd_counts():
   from experiments import param_counts
-  out = param_counts.table(['resnet20_cifar10', 'configs/resnet18_imagenet.py'])
+  out = param_counts.table(['zoo:resnet20,cifar10', 'configs/zoo.py:resnet18,imagenet2012'])
   rows = out.splitlines()
   assert len(rows) == 4
-  assert '| resnet20 | `resnet20_cifar10` | 32×32, 10 | 269,722 | 77,506 | 0.29 |' in rows[2]
-  assert '| resnet18 | `configs/resnet18_imagenet.py` | 224×224, 1000 | 11,689,512 |' in rows[3]
+  assert '| resnet20 | `zoo:resnet20,cifar10` | 32×32, 10 | 269,722 | 77,506 | 0.29 |' in rows[2]
+  assert ('| resnet18 | `configs/zoo.py:resnet18,imagenet2012` | 224×224, 1000 | 11,689,512 |'
+          in rows[3])
