@@ -86,7 +86,11 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   t.keep_checkpoints = 2
   t.stop_after_steps = 0     # end early (drills, quick looks); the schedule still uses epochs
   t.num_devices = 0          # 0: all devices
-  t.distributed = False      # call jax.distributed.initialize() (multi-host)
+  t.distributed = False      # call jax.distributed.initialize() (multi-process, multi-host)
+  t.coordinator_address = ''  # 'host:port' of process 0 where JAX cannot auto-detect it
+  t.num_processes = 0        # with coordinator_address: how many processes
+  t.process_id = -1          # with coordinator_address: this process's index
+  t.timeout_s = 300          # how long processes wait for each other to join
   t.progress_bar = True
   t.max_loss = 0.0           # stop (diverged) when the train loss exceeds it; 0: 20 × ln(classes)
 

@@ -512,7 +512,9 @@ MONITORING = ('train.progress_bar', 'train.log_every', 'train.angle_every',
 # ... and the ones a resume may change too: where the run stops, how it is spread, where the
 # (checksummed) data is read from
 RUN_INDEPENDENT = MONITORING + ('train.stop_after_steps', 'train.num_devices',
-                                'train.distributed', 'data.cache_dir', 'data.data_dir')
+                                'train.distributed', 'train.coordinator_address',
+                                'train.num_processes', 'train.process_id', 'train.timeout_s',
+                                'data.cache_dir', 'data.data_dir')
 # dfa fields backprop never reads: a bp/svd_bp run is the same run whatever they hold
 BACKPROP_IGNORED = ('delivery', 'feedback', 'feedback_rank', 'feedback_scale', 'align',
                     'align_weight', 'signal', 'signal_mix', 'readout_dim', 'readout_basis',
@@ -641,6 +643,26 @@ def restore_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     mngr.close()
 
 
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """``jax.distributed.initialize`` for a multi-process run (``train.distributed``).
+
+  Auto-detected on TPU pods, SLURM and other clusters JAX knows; elsewhere from
+  ``train.coordinator_address`` (``host:port`` of process 0), ``train.num_processes`` and
+  ``train.process_id``. CPU processes exchange collectives through gloo.
+  """
+  t = config.train
+  kwargs = {}
+  if t.get('coordinator_address'):
+    if t.num_processes < 1 or not 0 <= t.process_id < t.num_processes:
+      raise ConfigError(f'train.coordinator_address={t.coordinator_address!r} needs '
+                        'train.num_processes >= 1 and 0 <= train.process_id < num_processes '
+                        f'(got {t.num_processes}, {t.process_id}).')
+    kwargs = dict(coordinator_address=t.coordinator_address, num_processes=t.num_processes,
+                  process_id=t.process_id, initialization_timeout=int(t.get('timeout_s', 300)))
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(**kwargs)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = None, *,
                        allow_changed_config: bool = False) -> dict:
   """Trains and evaluates; resumes from ``workdir/checkpoints`` when present.
@@ -658,7 +680,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
 
   t_start = time.time()
   if config.train.distributed:
-    jax.distributed.initialize()
+    initialize_distributed(config)
+  primary = jax.process_index() == 0  # the one process that writes files and prints
   mesh = make_mesh(config.train.num_devices)
   check_config(config, mesh.size)
   info = _dataset_info(config)
@@ -718,25 +741,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
     mngr = _checkpoint_manager(workdir, tc.keep_checkpoints)
     if mngr.latest_step() is not None:
       state = jax.device_put(_restore_checked(mngr, state, workdir), NamedSharding(mesh, P()))
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    if primary:  # atomically: the other processes may be reading it (check_workdir)
+      tmp = os.path.join(workdir, 'config.json.tmp')
+      with open(tmp, 'w') as f:
+        f.write(config.to_json_best_effort(indent=2))
+      os.replace(tmp, os.path.join(workdir, 'config.json'))
   step = resumed_at = int(jax.device_get(state.step))
-  if workdir is not None and os.path.exists(os.path.join(workdir, 'ranks.jsonl')):
+  if primary and workdir is not None and os.path.exists(os.path.join(workdir, 'ranks.jsonl')):
     # drop the reductions an interrupted run made after its last checkpoint
     tmp = os.path.join(workdir, 'ranks.jsonl.tmp')
     with open(tmp, 'w') as f:
       f.writelines(json.dumps(r) + '\n' for r in reductions)
     os.replace(tmp, os.path.join(workdir, 'ranks.jsonl'))
   rank_epochs = set(config.rank.epochs) if config.get('rank') else set()
-  if changes:
+  if changes and primary:
     with open(os.path.join(workdir, 'config_changes.jsonl'), 'a') as f:
       f.write(json.dumps({'step': step, 'changes': changes}) + '\n')
-  writer = MetricWriter(workdir, resume_step=step)  # rows after `step`: from a killed run
+  # rows after `step` are a killed run's; every process reads them, the primary writes
+  writer = MetricWriter(workdir, resume_step=step, write=primary)
+  say = tqdm.write if primary else (lambda _: None)
   if step:
-    print(f'Resuming from step {step} in {workdir}.')
+    say(f'Resuming from step {step} in {workdir}.')
   end_step = total_steps if not tc.stop_after_steps else min(total_steps, tc.stop_after_steps)
   bar = tqdm(total=end_step, initial=step, desc=f'{config.model.name}/{cfg.method}',
-             disable=not tc.progress_bar, dynamic_ncols=True)
+             disable=not tc.progress_bar or not primary, dynamic_ncols=True)
   test_metrics: dict[str, float] = {}
   val_metrics: dict[str, float] = {}
   last_log, t_log = step, time.time()
@@ -796,19 +824,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
                     'overrides': rank_lib.rank_overrides(state.params),
                     'params_before': before, 'trainable_params': param_count(state.params)}
           reductions.append(record)
-          if workdir is not None:
+          if workdir is not None and primary:
             with open(os.path.join(workdir, 'ranks.jsonl'), 'a') as f:
               f.write(json.dumps(record) + '\n')
           writer.write(step, {'trainable_params': record['trainable_params']})
           shown = ', '.join(f'{k} {v}' for k, v in ranks.items())
-          tqdm.write(f'epoch {n_epoch}: ranks reduced ({shown}); {before:,} -> '
+          say(f'epoch {n_epoch}: ranks reduced ({shown}); {before:,} -> '
                      f'{record["trainable_params"]:,} trainable params')
       if (epoch_done and n_epoch % tc.eval_every_epochs == 0) or step == end_step:
         for split in [s for s in ('validation', 'test') if s in splits]:
           res = evaluate(eval_fn, state, *splits[split], batch_size=tc.batch_size, info=info,
                          mesh=mesh, workers=config.data.workers)
           writer.write(step, {f'{split}/{k}': v for k, v in res.items()})
-          tqdm.write(f'epoch {step / steps_per_epoch:.2f} step {step}: {split} accuracy '
+          say(f'epoch {step / steps_per_epoch:.2f} step {step}: {split} accuracy '
                      f'{res["accuracy"]:.2f}% loss {res["loss"]:.4f}')
           check_loss(res['loss'], step, f'{split} loss')  # of the params about to be saved
           if split == 'test':
@@ -852,7 +880,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       'config': json.loads(config.to_json_best_effort()),
       **({'config_changes': {'step': resumed_at, 'changes': changes}} if changes else {}),
   }
-  if workdir is not None:
+  if workdir is not None and primary:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)
   return summary

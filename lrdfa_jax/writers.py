@@ -20,26 +20,31 @@ class MetricWriter:
 
   ``resume_step``: the step a resumed run restarts from. Records after it (written before
   an interruption, and about to be written again) are dropped from ``metrics.jsonl`` and
-  purged from TensorBoard, so no step appears twice.
+  purged from TensorBoard, so no step appears twice. ``write=False`` (the other processes of
+  a multi-process run) reads what was kept and writes nothing.
   """
 
-  def __init__(self, workdir: str | None, resume_step: int | None = None):
+  def __init__(self, workdir: str | None, resume_step: int | None = None, write: bool = True):
     self.path = None
     self._tb = None
     self._kept: dict[int, set[str]] = {}
     if workdir is None:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    if resume_step is not None and os.path.exists(self.path):
-      records = [r for r in read_jsonl(self.path) if r['step'] <= resume_step]
-      tmp = f'{self.path}.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in records)
-      os.replace(tmp, self.path)
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if resume_step is not None and os.path.exists(path):
+      records = [r for r in read_jsonl(path) if r['step'] <= resume_step]
+      if write:
+        tmp = f'{path}.tmp'
+        with open(tmp, 'w') as f:
+          f.writelines(json.dumps(r) + '\n' for r in records)
+        os.replace(tmp, path)
       for r in records:
         if r['step'] == resume_step:
           self._kept.setdefault(r['step'], set()).update(r)
+    if not write:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.path = path
     from tensorboardX import SummaryWriter  # imported lazily: optional at analysis time
     self._tb = SummaryWriter(os.path.join(workdir, 'tb'),
                              purge_step=None if resume_step is None else resume_step + 1)

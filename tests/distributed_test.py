@@ -1,0 +1,69 @@
+"""Two processes joined by jax.distributed (2 emulated CPU devices each, loopback only) train,
+checkpoint through orbax from both, resume, and end where one process with 4 devices ends."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from lrdfa_jax import train
+from tests import distributed_worker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(workdir: str, stop: int) -> list[str]:
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'distributed_worker.py'),
+                             str(pid), str(port), workdir, str(stop)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for pid in (0, 1)]
+  outs = []
+  try:
+    for p in procs:
+      out, _ = p.communicate(timeout=300)
+      outs.append(out)
+  finally:
+    for p in procs:  # both always end
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs
+
+
+def test_two_processes_train_checkpoint_resume_like_one_process_with_four_devices(tmp_path):
+  two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
+  first = _two_processes(two, stop=5)  # stop mid-epoch, checkpoint at step 5
+  for pid, out in enumerate(first):
+    assert f'process {pid} of 2, 4 devices: step 5 ' in out, out[-2000:]
+  assert train.restore_checkpoint(distributed_worker.config(), two).step == 5
+  rest = _two_processes(two, stop=0)  # resume to the end (16 steps)
+  assert all('2, 4 devices: step 16 ' in o for o in rest)
+  assert sorted(os.listdir(os.path.join(two, 'checkpoints'))) == ['16', '8']
+  # the files are written once, by process 0
+  rows = [json.loads(l) for l in open(os.path.join(two, 'metrics.jsonl'))]
+  pairs = [(r['step'], k) for r in rows for k in r if k != 'step']
+  assert len(pairs) == len(set(pairs))
+
+  assert jax.device_count() == 4
+  single = train.train_and_evaluate(distributed_worker.config(num_devices=4), one)
+  summary = json.load(open(os.path.join(two, 'summary.json')))
+  assert summary['step'] == single['step'] == 16
+  assert summary['final_test_accuracy'] == single['final_test_accuracy']
+  np.testing.assert_allclose(summary['final_test_loss'], single['final_test_loss'], rtol=1e-4)
+  sa = train.restore_checkpoint(distributed_worker.config(), two)
+  sb = train.restore_checkpoint(distributed_worker.config(), one)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               (sa.params, sa.opt_state), (sb.params, sb.opt_state))
