@@ -91,6 +91,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   t.num_processes = 0        # with coordinator_address: how many processes
   t.process_id = -1          # with coordinator_address: this process's index
   t.timeout_s = 300          # how long processes wait for each other to join
+  t.heartbeat_s = 100        # a dead process makes the others abort after this many seconds
   t.progress_bar = True
   t.max_loss = 0.0           # stop (diverged) when the train loss exceeds it; 0: 20 × ln(classes)
 

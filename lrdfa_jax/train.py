@@ -514,6 +514,7 @@ MONITORING = ('train.progress_bar', 'train.log_every', 'train.angle_every',
 RUN_INDEPENDENT = MONITORING + ('train.stop_after_steps', 'train.num_devices',
                                 'train.distributed', 'train.coordinator_address',
                                 'train.num_processes', 'train.process_id', 'train.timeout_s',
+                                'train.heartbeat_s',
                                 'data.cache_dir', 'data.data_dir')
 # dfa fields backprop never reads: a bp/svd_bp run is the same run whatever they hold
 BACKPROP_IGNORED = ('delivery', 'feedback', 'feedback_rank', 'feedback_scale', 'align',
@@ -659,6 +660,8 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
                         f'(got {t.num_processes}, {t.process_id}).')
     kwargs = dict(coordinator_address=t.coordinator_address, num_processes=t.num_processes,
                   process_id=t.process_id, initialization_timeout=int(t.get('timeout_s', 300)))
+  if t.get('heartbeat_s'):  # a process that dies stops the others after this many seconds
+    kwargs['heartbeat_timeout_seconds'] = int(t.heartbeat_s)
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(**kwargs)
 

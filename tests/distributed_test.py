@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -21,13 +22,17 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(workdir: str, stop: int) -> list[str]:
+def _start(workdir: str, stop: int, epochs: int = 2) -> list[subprocess.Popen]:
   port = _free_port()
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'distributed_worker.py'),
-                             str(pid), str(port), workdir, str(stop)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for pid in (0, 1)]
+  env = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'PYTHONUNBUFFERED': '1'}
+  return [subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'distributed_worker.py'),
+                            str(pid), str(port), workdir, str(stop), str(epochs)], cwd=ROOT,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for pid in (0, 1)]
+
+
+def _two_processes(workdir: str, stop: int) -> list[str]:
+  procs = _start(workdir, stop)
   outs = []
   try:
     for p in procs:
@@ -67,3 +72,23 @@ def test_two_processes_train_checkpoint_resume_like_one_process_with_four_device
   sb = train.restore_checkpoint(distributed_worker.config(), one)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                (sa.params, sa.opt_state), (sb.params, sb.opt_state))
+
+
+def test_a_killed_process_makes_the_other_fail_fast(tmp_path):
+  procs = _start(str(tmp_path / 'run'), stop=0, epochs=1000)
+  try:
+    for line in procs[0].stdout:  # wait until the run is training (its first eval)
+      if line.startswith('epoch 1.00'):
+        break
+    assert procs[0].poll() is None and procs[1].poll() is None
+    procs[1].kill()
+    t0 = time.time()
+    out, _ = procs[0].communicate(timeout=120)  # heartbeat_s=20: not the 1000 epochs
+    assert procs[0].returncode != 0
+    assert time.time() - t0 < 90
+    assert 'another task died' in out, out[-2000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()

@@ -1,13 +1,13 @@
 """One process of the two-process test (tests/distributed_test.py); not collected by pytest.
 
-``python tests/distributed_worker.py PROCESS_ID PORT WORKDIR STOP_AFTER_STEPS``: 2 emulated CPU
-devices, joined to the other process through a coordinator at 127.0.0.1:PORT.
+``python tests/distributed_worker.py PROCESS_ID PORT WORKDIR STOP_AFTER_STEPS [EPOCHS]``: 2
+emulated CPU devices, joined to the other process through a coordinator at 127.0.0.1:PORT.
 """
 import os
 import sys
 
 
-def config(stop_after_steps: int = 0, **train):
+def config(stop_after_steps: int = 0, epochs: int = 2, **train):
   from configs import default
   c = default.get_config()
   c.data.source = 'synthetic'
@@ -20,7 +20,7 @@ def config(stop_after_steps: int = 0, **train):
   c.model.overrides = ''
   c.opt.lr = 3e-3
   c.opt.warmup_steps = 0
-  c.train.update(epochs=2, batch_size=32, log_every=2, angle_every=3, progress_bar=False,
+  c.train.update(epochs=epochs, batch_size=32, log_every=2, angle_every=3, progress_bar=False,
                  stop_after_steps=stop_after_steps, **train)
   return c
 
@@ -31,8 +31,9 @@ if __name__ == '__main__':
   os.environ['JAX_PLATFORMS'] = 'cpu'
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from lrdfa_jax import train
-  c = config(stop, distributed=True, coordinator_address=f'127.0.0.1:{port}', num_processes=2,
-             process_id=pid, timeout_s=120)
+  epochs = int(sys.argv[5]) if len(sys.argv) > 5 else 2
+  c = config(stop, epochs, distributed=True, coordinator_address=f'127.0.0.1:{port}',
+             num_processes=2, process_id=pid, timeout_s=120, heartbeat_s=20 if epochs > 2 else 100)
   s = train.train_and_evaluate(c, workdir)
   import jax
   print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices: "
