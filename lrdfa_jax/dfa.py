@@ -109,6 +109,31 @@ def subspace_alignment_blocks(params: Any, feedback: fb.Feedback,
   return out
 
 
+def alignment_coverage(params: Any, feedback: fb.Feedback, align: str, *,
+                       channels: Mapping[str, int] | None = None,
+                       dense_feedback: bool = False, signal: str = 'global',
+                       delivery: str = 'channel') -> tuple[list[str], str]:
+  """The blocks the subspace term acts on, and a sentence on the factored blocks it skips
+  and why ('' when it skips none); the arguments say how the feedback was built."""
+  aligned = subspace_alignment_blocks(params, feedback, channels)
+  skipped = [n for n in feedback.names if n not in aligned
+             and layers.is_svd_layer(models.output_layer(params, n))]
+  if not skipped:
+    return aligned, ''
+  why = "their feedback's P does not match the layer's output factor U"
+  by_channel = "dfa.align='channel_subspace' compares such blocks by channel"
+  if dense_feedback:
+    why = 'their feedback is dense (no subspace P)'
+  elif align == 'channel_subspace':
+    why += ' or its k reaches every channel'
+  elif signal != 'global':
+    why += f" (a conv block's local readout spans pooled positions × channels; {by_channel})"
+  elif delivery == 'full':
+    why += f' (full feature-map feedback spans positions × channels; {by_channel})'
+  return aligned, (f'dfa.align={align!r} skips the factored blocks {skipped}: {why}. It acts '
+                   f"on {aligned or 'no block'}; dfa.align='output' acts on every block.")
+
+
 def is_full_map(p_shape: tuple[int, ...], channels: int | None) -> bool:
   """Whether a ``P`` of this shape spans a feature map of ``channels`` (None: not known)."""
   return bool(channels) and p_shape[0] != channels and p_shape[0] % channels == 0

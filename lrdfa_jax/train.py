@@ -717,24 +717,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       and cfg.align in ('subspace', 'channel_subspace'):
     channels = (dfa.tap_channels(tap_shapes(model, info['image_shape']))
                 if cfg.align == 'channel_subspace' else None)
-    aligned = dfa.subspace_alignment_blocks(state.params, state.feedback, channels)
-    skipped = [n for n in state.feedback.names if n not in aligned
-               and layers.is_svd_layer(models.output_layer(state.params, n))]
-    if skipped:
-      why = "their feedback's P does not match the layer's output factor U"
-      if config.dfa.feedback == 'dense':
-        why = 'their feedback is dense (no subspace P)'
-      elif cfg.align == 'channel_subspace':
-        why += ' or its k reaches every channel'
-      elif cfg.signal != 'global':
-        why += (" (a conv block's local readout spans pooled positions × channels; "
-                "dfa.align='channel_subspace' compares such blocks by channel)")
-      elif config.dfa.delivery == 'full':
-        why += (' (full feature-map feedback spans positions × channels; '
-                "dfa.align='channel_subspace' compares such blocks by channel)")
-      logging.info('dfa.align=%r skips the factored blocks %s: %s. It acts on %s; '
-                   "dfa.align='output' acts on every block.", cfg.align, skipped, why,
-                   aligned or 'no block')
+    aligned, notice = dfa.alignment_coverage(
+        state.params, state.feedback, cfg.align, channels=channels,
+        dense_feedback=config.dfa.feedback == 'dense', signal=cfg.signal,
+        delivery=config.dfa.delivery)
+    if notice:
+      logging.info('%s', notice)
   state = jax.device_put(state, NamedSharding(mesh, P()))
   train_fn, eval_fn, angle_fn = make_steps(cfg, mesh, state)
 
