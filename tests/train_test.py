@@ -419,15 +419,14 @@ def test_learned_feedback_needs_its_signal():
     train.train_and_evaluate(tiny_config(dfa__learn_feedback='kp'))
 
 
-@pytest.mark.parametrize('method,kw', [
-    ('svd_bp', {}),
-    ('ssa', dict(dfa__signal='local', dfa__readout_dim=32, dfa__learn_feedback='local',
-                 dfa__feedback_lr=1e-2)),
-])
-def test_rank_reduction_during_training_resumes_bit_identically(tmp_path, method, kw):
-  """Reduced after epoch 1 of 2 (step 8): the run recompiles at the new ranks, logs them, and a
-  run interrupted before (step 5), at (8) or after (12) the reduction ends identically."""
-  kw = dict(kw, dfa__method=method, rank__epochs=(1,), rank__energy=0.5)
+def test_rank_reduction_during_training_resumes_bit_identically(tmp_path):
+  """Reduced after epoch 1 of 2 (step 8; ssa with learned readouts, so the feedback and its
+  optimizer state are sliced too): the run recompiles at the new ranks, logs them, and a run
+  interrupted after the reduction (step 12) resumes into the reduced shapes and ends
+  identically."""
+  kw = dict(dfa__method='ssa', dfa__signal='local', dfa__readout_dim=32,
+            dfa__learn_feedback='local', dfa__feedback_lr=1e-2, rank__epochs=(1,),
+            rank__energy=0.5, train__angle_every=0)
   full = train.train_and_evaluate(tiny_config(**kw), str(tmp_path / 'full'))
   (red,) = full['rank_reductions']
   assert red['step'] == 8 and red['ranks'] and full['trainable_params'] < full[
@@ -438,7 +437,7 @@ def test_rank_reduction_during_training_resumes_bit_identically(tmp_path, method
     for k in path.split('/'):
       layer = layer[k]
     assert layer['s'].shape == (r,) and layer['u'].shape[1] == r
-  for stop in (5, 8, 12):
+  for stop in (12,):
     workdir = str(tmp_path / f'stop{stop}')
     train.train_and_evaluate(tiny_config(train__stop_after_steps=stop, **kw), workdir)
     rest = train.train_and_evaluate(tiny_config(**kw), workdir)
