@@ -163,14 +163,9 @@ def angle_step(cfg: StepConfig, state: TrainState, batch: dict[str, Any]) -> dic
   return dfa.update_angles(local, bp)
 
 
-def _svd_layers(params: Any, prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in params.items():
-    if layers.is_svd_layer(v):
-      out[prefix + k] = v
-    elif isinstance(v, dict):
-      out.update(_svd_layers(v, f'{prefix}{k}/'))
-  return out
+def _svd_layers(params: Any) -> dict[str, Any]:
+  """``'stage1_block0/conv1'`` -> factored layer (:func:`lrdfa_jax.rank.svd_layers`)."""
+  return {'/'.join(p): l for p, l in rank_lib.svd_layers(params).items()}
 
 
 def layer_stats(params: Any) -> dict[str, jax.Array]:
@@ -679,7 +674,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   """
   from tqdm import tqdm
 
-  from lrdfa_jax.writers import MetricWriter
+  from lrdfa_jax.writers import MetricWriter, write_jsonl
 
   t_start = time.time()
   if config.train.distributed:
@@ -740,10 +735,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   step = resumed_at = int(jax.device_get(state.step))
   if primary and workdir is not None and os.path.exists(os.path.join(workdir, 'ranks.jsonl')):
     # drop the reductions an interrupted run made after its last checkpoint
-    tmp = os.path.join(workdir, 'ranks.jsonl.tmp')
-    with open(tmp, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in reductions)
-    os.replace(tmp, os.path.join(workdir, 'ranks.jsonl'))
+    write_jsonl(os.path.join(workdir, 'ranks.jsonl'), reductions)
   rank_epochs = set(config.rank.epochs) if config.get('rank') else set()
   if changes and primary:
     with open(os.path.join(workdir, 'config_changes.jsonl'), 'a') as f:

@@ -34,10 +34,7 @@ class MetricWriter:
     if resume_step is not None and os.path.exists(path):
       records = [r for r in read_jsonl(path) if r['step'] <= resume_step]
       if write:
-        tmp = f'{path}.tmp'
-        with open(tmp, 'w') as f:
-          f.writelines(json.dumps(r) + '\n' for r in records)
-        os.replace(tmp, path)
+        write_jsonl(path, records)
       for r in records:
         if r['step'] == resume_step:
           self._kept.setdefault(r['step'], set()).update(r)
@@ -67,6 +64,14 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.flush()
       self._tb.close()
+
+
+def write_jsonl(path: str, records: list[dict[str, Any]]) -> None:
+  """Replaces ``path`` with ``records``, one JSON per line, atomically (tmp file + rename)."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in records)
+  os.replace(tmp, path)
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
