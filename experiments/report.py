@@ -4,7 +4,9 @@ Export finished runs (one JSON each, with accuracy and angle curves) and rebuild
   python -m experiments.report --runs='runs/c10/*' --export=results/cifar10_small_conv
   python -m experiments.report --results=results/cifar10_small_conv
 The second command writes ``report.md`` (mean ± std over seeds per variant) and
-``accuracy.png`` / ``angles.png`` into the results folder, from the committed JSON alone.
+``accuracy.png`` / ``angles.png`` into the results folder, from the committed JSON alone
+(and ``params.png``, final accuracy against trainable parameters, when a method ran at
+several sizes: fixed ranks, or rank reduction during training).
 The headline number is the final test accuracy, never the best epoch.
 """
 from __future__ import annotations
@@ -17,8 +19,11 @@ import os
 import numpy as np
 from absl import app, flags
 
+from configs import default
+from lrdfa_jax.train import FACTORED_METHODS
 from lrdfa_jax.writers import read_jsonl
 
+DEFAULT_RANK = default.get_config().model.rank  # left unmarked in labels
 _RUNS = flags.DEFINE_string('runs', None, 'Glob of run directories to export.')
 _EXPORT = flags.DEFINE_string('export', None, 'Folder to write one summary JSON per run into.')
 RESULTS = flags.DEFINE_string('results', None, 'Folder of exported summaries to report on.')
@@ -29,7 +34,9 @@ def variant(summary: dict) -> str:
 
   Only the dfa fields are read (method, align, orth_weight, delivery, signal, sim_weight); runs that differ in
   model or training settings share a label, so keep such runs in separate result folders.
-  Channel-broadcast feedback is marked because configs/cifar10.py delivers full maps.
+  Channel-broadcast feedback is marked because configs/cifar10.py delivers full maps. For
+  the factored methods the rank is marked when it is not the default 1/4, with the rank
+  reduction schedule (``rank.*``) and the Hoyer weight when they are on.
   """
   d = summary['config']['dfa']
   label = summary['method']
@@ -51,6 +58,15 @@ def variant(summary: dict) -> str:
   if learn != 'none':
     label += ' + learned readout' if learn == 'local' else ' + DKP feedback'
   m = summary['config'].get('model', {})
+  if summary['method'] in FACTORED_METHODS:  # the rank: marked when not configs/default.py's 1/4
+    reduce = summary['config'].get('rank', {})
+    if reduce.get('epochs'):
+      epochs = ', '.join(str(e) for e in reduce['epochs'])
+      label += f' rank {m.get("rank")} reduced at epochs {epochs} (energy {reduce["energy"]:g})'
+    elif m.get('rank') != DEFAULT_RANK:
+      label += f' rank {m.get("rank")}'
+    if d.get('hoyer_weight'):
+      label += f' + Hoyer {d["hoyer_weight"]:g}'
   if (m.get('kwargs') or {}).get('norm') == 'batch':
     label += f' (BN, {m.get("act")})'
   return label
@@ -102,7 +118,9 @@ def table(results: list[dict]) -> str:
     std = f' ± {accs.std(ddof=1):.2f}' if len(accs) > 1 else ''
     g = groups[v]
     lrs = sorted({s['config']['opt']['lr'] for s in g})
-    rows.append(f'| {v} | {len(accs)} | {accs.mean():.2f}{std} | {g[0]["trainable_params"]:,} | '
+    sizes = sorted({s['trainable_params'] for s in g})  # reduced runs may end at other sizes
+    size = f'{sizes[0]:,}' + (f'–{sizes[-1]:,}' if len(sizes) > 1 else '')
+    rows.append(f'| {v} | {len(accs)} | {accs.mean():.2f}{std} | {size} | '
                 f'{", ".join(f"{lr:g}" for lr in lrs)} | {g[0]["epochs"]:g} | '
                 f'{np.mean([s["wall_time_s"] for s in g]):.0f} |')
   machines = sorted({s['machine'] for s in results})
@@ -151,6 +169,26 @@ def plot(results: list[dict], folder: str) -> list[str]:
       ax.set_title(v); ax.set_xlabel('epoch'); ax.set_ylabel('angle to BP gradient (deg)')
       ax.set_ylim(0, 180); ax.grid(alpha=0.3); ax.legend(fontsize=7)
     paths.append(os.path.join(folder, 'angles.png'))
+    fig.tight_layout(); fig.savefig(paths[-1], dpi=120); plt.close(fig)
+
+  if len({(s['method'], s['trainable_params']) for s in results}) > \
+     len({s['method'] for s in results}):  # a method at several sizes: accuracy vs params
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    colors = {}
+    for s in sorted(results, key=lambda s: s.get('variant') or variant(s)):
+      v = s.get('variant') or variant(s)
+      x, y = s['trainable_params'], s['final_test_accuracy']
+      pts = ax.plot([x], [y], marker='o', ls='', color=colors.get(v),
+                    label=None if v in colors else v)
+      colors.setdefault(v, pts[0].get_color())
+      if 'initial_trainable_params' in s:  # a reduced run: from its starting size
+        ax.annotate('', (x, y), (s['initial_trainable_params'], y),
+                    arrowprops=dict(arrowstyle='->', color=colors[v], alpha=0.5))
+    ax.set_xscale('log'); ax.grid(alpha=0.3, which='both')
+    ax.set_xlabel('trainable parameters at the end (arrow: from the start)')
+    ax.set_ylabel('final test accuracy (%)')
+    ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0))
+    paths.append(os.path.join(folder, 'params.png'))
     fig.tight_layout(); fig.savefig(paths[-1], dpi=120); plt.close(fig)
   return paths
 

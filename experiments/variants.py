@@ -48,9 +48,21 @@ VARIANTS = {
                            'dfa.feedback_lr_decay': 1.0, 'model.act': 'leaky_relu',
                            'model.kwargs': {'norm': 'batch'}}, False),
 }
+# rank reduction during training (lrdfa_jax.rank; issue 16): start at rank 1/2, cut after
+# epochs 3 and 6 to the ranks holding REDUCE_ENERGY of each layer's Σ s², with and without
+# Hoyer sparsity on s, against fixed ranks (1/4 is the plain ssa / svd_bp)
+REDUCE_ENERGY = 0.5
+HOYER_WEIGHT = 1.0
+for _m in ('ssa', 'svd_bp'):
+  VARIANTS[f'{_m}_r8'] = ({'dfa.method': _m, 'model.rank': 0.125}, False)
+  VARIANTS[f'{_m}_reduce'] = ({'dfa.method': _m, 'model.rank': 0.5, 'rank.epochs': (3, 6),
+                               'rank.energy': REDUCE_ENERGY}, False)
+  VARIANTS[f'{_m}_reduce_hoyer'] = ({**VARIANTS[f'{_m}_reduce'][0],
+                                     'dfa.hoyer_weight': HOYER_WEIGHT}, False)
 # an ablation's learning rate is its base variant's tuned one
 BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': 'svd_bp',
-        'ssa_channel_noalign': 'ssa_channel', 'ssa_channel_noorth': 'ssa_channel'}
+        'ssa_channel_noalign': 'ssa_channel', 'ssa_channel_noorth': 'ssa_channel',
+        **{f'{m}_{v}': m for m in ('ssa', 'svd_bp') for v in ('r8', 'reduce', 'reduce_hoyer')}}
 
 
 def config_for(variant: str, seed: int, epochs: int):

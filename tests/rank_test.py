@@ -113,3 +113,17 @@ def test_a_top_level_layer_does_not_match_a_nested_one_of_the_same_name():
   jax.tree.map(np.testing.assert_array_equal, new['stage1_block0'], params['stage1_block0'])
   assert new_state[0].mu['stage1_block0']['conv1']['u'].shape == (6, 4)
   assert new_state[0].mu['conv1']['s'].shape == (2,)
+
+
+def test_energy_table_gives_each_thresholds_ranks_and_parameter_count():
+  from experiments import rank_energy
+  params = jax.device_get(_params())
+  params['fc1']['s'] = jnp.array([4.0, 3.0, 0.1, 0.1, 0.1, 0.1])  # 25 of 25.04 in the top 2
+  rows = rank_energy.energy_table(params, [0.99, 0.5])
+  assert rows[0]['energy'] is None and rows[0]['ranks'] == {'fc1': 6, 'head': 5}
+  assert rows[1]['ranks']['fc1'] == 2 and rows[2]['ranks']['fc1'] == 1
+  per_rank = 10 + 8 + 1  # fc1: a u row of 8, a v row of 10 and one s per rank
+  assert rows[0]['params'] - rows[1]['params'] >= 4 * per_rank  # head may be cut too
+  cut = rank.reduce(params, None, rank.choose_ranks(params, 0.5))[0]
+  assert rows[2]['params'] == sum(x.size for x in jax.tree.leaves(cut))
+  assert '| 0.5 | 1 |' in rank_energy.markdown(rows)

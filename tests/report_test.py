@@ -33,13 +33,28 @@ def test_export_table_and_plots(tmp_path):
   paths = report.plot(results, str(out))
   assert [os.path.basename(p) for p in paths] == ['accuracy.png', 'angles.png']
   assert all(os.path.getsize(p) > 1000 for p in paths)
+  # a method at two sizes (a rank-reduced run): the accuracy-vs-parameters plot, and the
+  # table gives the range of final sizes of one variant's seeds
+  small = dict(s, trainable_params=s['trainable_params'] // 3,
+               initial_trainable_params=s['trainable_params'])
+  paths = report.plot(results + [small], str(out))
+  assert os.path.basename(paths[-1]) == 'params.png' and os.path.getsize(paths[-1]) > 1000
+  row = next(l for l in report.table(results + [small]).splitlines() if l.startswith('| ssa |'))
+  assert f'| {small["trainable_params"]:,}–{s["trainable_params"]:,} |' in row
 
 
 def test_variant_labels():
   base = tiny_config('ssa')
   base.dfa.delivery = 'full'
   s = {'method': 'ssa', 'config': json.loads(base.to_json())}
+  assert report.variant(s) == 'ssa rank 0.5'  # tiny_config's rank, not the default 1/4
+  s['config']['model']['rank'] = 0.25
   assert report.variant(s) == 'ssa'
+  s['config']['rank'].update(epochs=[3, 6], energy=0.9)
+  s['config']['dfa']['hoyer_weight'] = 0.01
+  assert report.variant(s) == 'ssa rank 0.25 reduced at epochs 3, 6 (energy 0.9) + Hoyer 0.01'
+  s['config']['rank'].update(epochs=[])
+  s['config']['dfa']['hoyer_weight'] = 0.0
   s['config']['dfa']['orth_weight'] = 0.0
   assert report.variant(s) == 'ssa −orth'
   s['config']['dfa']['align'] = 'none'
@@ -73,7 +88,17 @@ def test_protocol_variants_share_one_pipeline():
       if section == 'model' and name.endswith('_bn'):  # the BN + LeakyReLU SmallConv
         assert c['model']['kwargs'] == {'norm': 'batch'} and c['model']['act'] == 'leaky_relu'
         continue
+      if section == 'model' and ('_r8' in name or '_reduce' in name):  # the rank study
+        assert {k: v for k, v in c['model'].items() if k != 'rank'} == \
+            {k: v for k, v in base['model'].items() if k != 'rank'}
+        assert c['model']['rank'] == (0.125 if '_r8' in name else 0.5)
+        continue
       assert c[section] == base[section], (name, section)
+    if '_reduce' in name:
+      assert c['rank']['epochs'] == (3, 6) and c['rank']['energy'] == protocol.REDUCE_ENERGY
+      assert c['dfa']['hoyer_weight'] == (protocol.HOYER_WEIGHT if 'hoyer' in name else 0.0)
+    else:
+      assert c['rank'] == base['rank'] and not c['dfa']['hoyer_weight'], name
     assert {k: v for k, v in c['train'].items() if k != 'seed'} == \
         {k: v for k, v in base['train'].items() if k != 'seed'}
   assert protocol.config_for('ssa_noorth', 0, 10).dfa.orth_weight == 0.0
