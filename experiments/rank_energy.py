@@ -16,14 +16,8 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags
 
 from lrdfa_jax import rank, train
-
-_RUN = flags.DEFINE_string('run', None, 'A run directory with a checkpoint.', required=True)
-_ENERGIES = flags.DEFINE_list('energies', ['0.99', '0.95', '0.9', '0.8', '0.7', '0.5'],
-                              'Energy thresholds τ in (0, 1].')
-_FLOOR = flags.DEFINE_float('floor', 1.0, 'rank.floor: an int rank, or a fraction of full rank.')
 
 
 def energy_table(params, energies, floor: int | float = 1) -> list[dict]:
@@ -52,22 +46,29 @@ def markdown(rows: list[dict]) -> str:
   return '\n'.join(out) + '\n'
 
 
-def main(argv):
-  del argv
-  path = os.path.join(_RUN.value, 'config.json')
+def main(argv=None):
+  import argparse
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--run', required=True, help='a run directory with a checkpoint')
+  p.add_argument('--energies', default='0.99,0.95,0.9,0.8,0.7,0.5',
+                 help='comma separated energy thresholds in (0, 1]')
+  p.add_argument('--floor', type=float, default=1.0,
+                 help='rank.floor: an int rank, or a fraction of full rank')
+  a = p.parse_args(argv)
+  path = os.path.join(a.run, 'config.json')
   if not os.path.exists(path):
-    raise app.UsageError(f'{_RUN.value} has no config.json: pass a run directory.')
+    p.error(f'{a.run} has no config.json: pass a run directory.')
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  state = train.restore_checkpoint(config, _RUN.value)
+  state = train.restore_checkpoint(config, a.run)
   params = jax.device_get(state.params)
   if not rank.svd_layers(params):
-    raise app.UsageError(f'{_RUN.value} has no factored layer (method '
-                         f'{config.dfa.method}); rank reduction applies to svd_bp and ssa.')
-  floor = _FLOOR.value
-  rows = energy_table(params, [float(e) for e in _ENERGIES.value],
+    p.error(f'{a.run} has no factored layer (method {config.dfa.method}); rank reduction '
+            'applies to svd_bp and ssa.')
+  floor = a.floor
+  rows = energy_table(params, [float(e) for e in a.energies.split(',')],
                       int(floor) if float(floor).is_integer() else floor)
-  print(f'{_RUN.value}, step {int(state.step)}:\n')
+  print(f'{a.run}, step {int(state.step)}:\n')
   print(markdown(rows))
   spectra = {'/'.join(p): np.sort(np.abs(np.asarray(l['s'])))[::-1]
              for p, l in rank.svd_layers(params).items()}
@@ -78,4 +79,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()

@@ -257,8 +257,9 @@ def load_tfds(name: str, data_dir: str | None = None) -> dict:
 
   cifar10/cifar100: ``{'train': (images, labels), 'test': (images, labels)}`` arrays.
   imagenet2012: ``{'train': source, 'test': source}`` (``'test'`` is the validation split)
-  of lazy random-access sources; ``source[i]`` is ``{'image': uint8 HWC, 'label': int,
-  'file_name': ...}`` and decodes the JPEG on access (needs Pillow).
+  of lazy random-access sources; ``source[i]`` is ``{'image': JPEG bytes, 'label': int,
+  'file_name': ...}``, decoded by the batching functions with Pillow (any colour mode to RGB,
+  at a reduced DCT scale where the crop allows).
   """
   if name not in _TFDS_SPLITS:
     raise ValueError(f"load_tfds supports {sorted(_TFDS_SPLITS)}, got '{name}'.")
@@ -268,8 +269,10 @@ def load_tfds(name: str, data_dir: str | None = None) -> dict:
   splits = _TFDS_SPLITS[name]
   try:
     with _quiet_absl():  # tfds warns about every folder it probes
+      # imagenet2012: JPEG bytes, decoded per batch by decode_inception/decode_center_crop
+      decoders = {'image': tfds.decode.SkipDecoding()} if name == 'imagenet2012' else None
       train, test = tfds.data_source(name, split=list(splits), data_dir=data_dir,
-                                     download=False)
+                                     download=False, decoders=decoders)
   except (NotImplementedError, ValueError, FileNotFoundError, AssertionError, KeyError) as e:
     # (KeyError: tfds' default data dir without the dataset; `splits['train']` is empty)
     with _quiet_absl():
@@ -397,36 +400,113 @@ def _resize(image_HWC: np.ndarray, height: int, width: int) -> np.ndarray:
   return image_HWC[rows[:, None], cols[None, :]]
 
 
-def augment_inception(image_HWC_uint8: np.ndarray, rng: np.random.Generator,
-                      size: int = 224) -> np.ndarray:
-  """Inception crop (8-100% area, aspect 3/4-4/3, 10 tries, else central square),
-  resize to ``size``x``size``, random left-right flip."""
-  h, w = image_HWC_uint8.shape[:2]
+def inception_box(h: int, w: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+  """The inception crop ``(y, x, crop_h, crop_w)`` of an ``h``×``w`` image: 8-100 % of the
+  area, aspect 3/4-4/3, 10 tries, else the central square."""
   for _ in range(10):
     area = h * w * rng.uniform(0.08, 1.0)
     ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
     cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
     if 0 < cw <= w and 0 < ch <= h:
-      y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-      break
-  else:
-    ch = cw = min(h, w)
-    y, x = (h - ch) // 2, (w - cw) // 2
+      return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+  side = min(h, w)
+  return (h - side) // 2, (w - side) // 2, side, side
+
+
+def augment_inception(image_HWC_uint8: np.ndarray, rng: np.random.Generator,
+                      size: int = 224) -> np.ndarray:
+  """Inception crop (:func:`inception_box`), resize to ``size``x``size``, random left-right
+  flip."""
+  y, x, ch, cw = inception_box(*image_HWC_uint8.shape[:2], rng)
   out = _resize(np.ascontiguousarray(image_HWC_uint8[y:y + ch, x:x + cw]), size, size)
   if rng.random() < 0.5:
     out = out[:, ::-1]
   return np.ascontiguousarray(out)
 
 
+def _center_shape(h: int, w: int, size: int, crop_fraction: float) -> tuple[int, int]:
+  short = round(size / crop_fraction)
+  return max(size, round(h * short / min(h, w))), max(size, round(w * short / min(h, w)))
+
+
 def resize_center_crop(image_HWC_uint8: np.ndarray, size: int = 224,
                        crop_fraction: float = 0.875) -> np.ndarray:
   """ImageNet eval: resize the short side to ``size / crop_fraction``, crop the centre."""
-  h, w = image_HWC_uint8.shape[:2]
-  short = round(size / crop_fraction)
-  nh, nw = max(size, round(h * short / min(h, w))), max(size, round(w * short / min(h, w)))
+  nh, nw = _center_shape(*image_HWC_uint8.shape[:2], size, crop_fraction)
   resized = _resize(image_HWC_uint8, nh, nw)
   y, x = (nh - size) // 2, (nw - size) // 2
   return np.ascontiguousarray(resized[y:y + size, x:x + size])
+
+
+# Encoded images (JPEG bytes from a tfds source read with SkipDecoding): decoded with Pillow
+# straight to RGB, whatever the file holds (greyscale, CMYK, palette or RGBA, a PNG named
+# .JPEG, as real ImageNet has), and, for JPEGs larger than the crop needs, at a reduced DCT
+# scale (Pillow's draft mode: 1/2, 1/4 or 1/8), which skips most of the decoding work.
+
+def _open(data: bytes):
+  import io
+
+  from PIL import Image
+  return Image.open(io.BytesIO(data))
+
+
+def _rgb(img, want_w: float, want_h: float):
+  """``(image, scale)``: ``img`` decoded to RGB at the smallest JPEG scale (1, 1/2, 1/4 or
+  1/8) keeping at least ``want_w``×``want_h`` pixels of the full image (always 1 for other
+  formats). A reduced image's last row and column may cover only part of a block, so
+  coordinates map by ``scale``, not by the ratio of sizes."""
+  w = img.size[0]
+  if img.format == 'JPEG':
+    img.draft('RGB', (max(1, math.ceil(want_w)), max(1, math.ceil(want_h))))
+  scale = 1.0 / max(1, round(w / img.size[0]))
+  return (img if img.mode == 'RGB' else img.convert('RGB')), scale
+
+
+def decode_image(data: bytes) -> np.ndarray:
+  """Encoded image bytes -> ``uint8`` HWC RGB (full size)."""
+  img = _open(data)
+  return np.asarray(_rgb(img, *img.size)[0])
+
+
+def decode_inception(data: bytes, rng: np.random.Generator, size: int = 224) -> np.ndarray:
+  """:func:`augment_inception` of encoded bytes, with the same draws; the crop is taken
+  from a reduced-scale decode when that still gives it at least ``size`` pixels a side."""
+  from PIL import Image
+  img = _open(data)
+  w, h = img.size
+  y, x, ch, cw = inception_box(h, w, rng)
+  f = min(1.0, max(size / cw, size / ch))
+  img, k = _rgb(img, w * f, h * f)
+  out = img.resize((size, size), Image.BILINEAR, box=(x * k, y * k, (x + cw) * k, (y + ch) * k))
+  out = np.asarray(out)
+  if rng.random() < 0.5:
+    out = out[:, ::-1]
+  return np.ascontiguousarray(out)
+
+
+def decode_center_crop(data: bytes, size: int = 224, crop_fraction: float = 0.875
+                       ) -> np.ndarray:
+  """:func:`resize_center_crop` of encoded bytes (reduced-scale decode where it can)."""
+  from PIL import Image
+  img = _open(data)
+  w, h = img.size
+  nh, nw = _center_shape(h, w, size, crop_fraction)
+  img, k = _rgb(img, nw, nh)
+  resized = np.asarray(img.resize((nw, nh), Image.BILINEAR, box=(0, 0, w * k, h * k)))
+  y, x = (nh - size) // 2, (nw - size) // 2
+  return np.ascontiguousarray(resized[y:y + size, x:x + size])
+
+
+def _inception_any(image, rng, size):
+  if isinstance(image, bytes):
+    return decode_inception(image, rng, size)
+  return augment_inception(image, rng, size)
+
+
+def _center_any(image, size):
+  if isinstance(image, bytes):
+    return decode_center_crop(image, size)
+  return resize_center_crop(image, size)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -477,9 +557,11 @@ def _decode_batch(pool: ThreadPoolExecutor, source, indices, transform) -> tuple
   def one(pos_index):
     pos, index = pos_index
     record = source[int(index)]
-    image = np.asarray(record['image'])
-    if image.ndim == 2:  # grayscale JPEGs
-      image = np.repeat(image[:, :, None], 3, axis=2)
+    image = record['image']
+    if not isinstance(image, bytes):  # a decoded array (a source read without SkipDecoding)
+      image = np.asarray(image)
+      if image.ndim == 2:  # grayscale JPEGs
+        image = np.repeat(image[:, :, None], 3, axis=2)
     return transform(pos, image), record['label']
   out = list(pool.map(one, enumerate(indices)))
   return (np.stack([o[0] for o in out]).astype(np.uint8),
@@ -525,9 +607,9 @@ def _source_train_batches(source, batch_size, seed, epoch, augment, mean, std, l
     for b in range(start_batch, num_batches):
       def transform(pos, image, b=b):  # per example, from its global position in the batch
         if not augment:
-          return resize_center_crop(image, size)
-        return augment_inception(image, np.random.default_rng((seed, epoch, _AUG_TAG, b,
-                                                               lo + pos)), size)
+          return _center_any(image, size)
+        return _inception_any(image, np.random.default_rng((seed, epoch, _AUG_TAG, b,
+                                                            lo + pos)), size)
       idx = perm[b * batch_size:(b + 1) * batch_size][lo:lo + local]
       batch_images, batch_labels = _decode_batch(pool, source, idx, transform)
       yield {'image': normalize(batch_images, mean, std), 'label': batch_labels}
@@ -574,7 +656,7 @@ def _source_eval_batches(source, batch_size, mean, std, lo, local, size, workers
       mask = np.zeros((local,), np.float32)
       if end > begin:
         images, labels = _decode_batch(pool, source, range(begin, end),
-                                       lambda pos, im: resize_center_crop(im, size))
+                                       lambda pos, im: _center_any(im, size))
         image[:end - begin] = normalize(images, mean, std)
         label[:end - begin] = labels
         mask[:end - begin] = 1.0

@@ -189,15 +189,45 @@ def test_tfds_mock_cifar10(tmp_path):
   tfds = pytest.importorskip('tensorflow_datasets')
   with tfds.testing.mock_data(num_examples=12):
     ds = data.load_tfds('cifar10', str(tmp_path))
-    lazy = data.load_tfds('imagenet2012', str(tmp_path))
   for split in ('train', 'test'):
     images, labels = ds[split]
     assert images.shape == (12, 32, 32, 3) and images.dtype == np.uint8
     assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < 10
-  record = lazy['test'][0]
-  assert len(lazy['train']) == 12 and record['image'].ndim == 3
-  out = data.augment_inception(record['image'], np.random.default_rng(0), size=16)
-  assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+
+
+def test_imagenet_jpegs_decode_to_rgb_like_the_array_path(imagenet_jpegs):
+  """Real JPEGs in the tfds imagenet2012 format: every colour mode decodes to RGB, and the
+  bytes transforms (reduced-scale decode) match the array transforms with the same draws."""
+  import io
+
+  from PIL import Image
+  lazy = data.load_tfds('imagenet2012', imagenet_jpegs)
+  assert len(lazy['train']) == 16 and len(lazy['test']) == 8
+  modes = set()
+  for i in range(len(lazy['train'])):
+    record = lazy['train'][i]
+    assert isinstance(record['image'], bytes) and 0 <= record['label'] < 4
+    img = Image.open(io.BytesIO(record['image']))
+    modes.add((img.format, img.mode))
+    full = data.decode_image(record['image'])
+    assert full.dtype == np.uint8 and full.shape == (img.size[1], img.size[0], 3)
+    if img.mode == 'L':
+      assert (full[..., 0] == full[..., 2]).all()
+    for size in (32, 64):
+      a = data.decode_inception(record['image'], np.random.default_rng(i), size)
+      b = data.augment_inception(full, np.random.default_rng(i), size)
+      assert a.shape == b.shape == (size, size, 3) and a.dtype == np.uint8
+      assert np.abs(a.astype(int) - b).mean() < 8, (i, size)  # the same crop and flip
+      c = data.decode_center_crop(record['image'], size)
+      d = data.resize_center_crop(full, size)
+      assert c.shape == (size, size, 3) and np.abs(c.astype(int) - d).mean() < 8, (i, size)
+  assert {('JPEG', 'L'), ('JPEG', 'CMYK'), ('PNG', 'RGB'), ('JPEG', 'RGB')} <= modes
+  kw = dict(mean=MEAN, std=STD, image_size=24, workers=2)
+  batches = list(data.train_batches(lazy['train'], None, batch_size=8, seed=0, epoch=0, **kw))
+  assert [b['image'].shape for b in batches] == [(8, 24, 24, 3)] * 2
+  labels = np.concatenate([b['label'] for b in data.eval_batches(lazy['test'], None,
+                                                                  batch_size=8, **kw)])
+  assert sorted(labels) == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
 def test_tfds_not_prepared_raises_helpful(tmp_path):

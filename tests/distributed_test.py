@@ -24,7 +24,9 @@ def _free_port() -> int:
 
 def _start(workdir: str, stop: int, epochs: int = 2) -> list[subprocess.Popen]:
   port = _free_port()
-  env = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'PYTHONUNBUFFERED': '1'}
+  # (no shared compilation cache: two processes writing one cache entry at once can clash)
+  env = {**{k: v for k, v in os.environ.items()
+            if k not in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR')}, 'PYTHONUNBUFFERED': '1'}
   return [subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'distributed_worker.py'),
                             str(pid), str(port), workdir, str(stop), str(epochs)], cwd=ROOT,
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -27,7 +27,7 @@ def test_export_table_and_plots(tmp_path):
   assert s['curves']['test/accuracy'][-1][1] == s['final_test_accuracy']
   md = report.table(results)
   accs = [runs['a']['final_test_accuracy'], runs['b']['final_test_accuracy']]
-  row = next(l for l in md.splitlines() if l.startswith('| ssa |'))
+  row = next(l for l in md.splitlines() if l.startswith('| ssa rank 0.5 |'))  # tiny_config's
   assert f'{np.mean(accs):.2f} ± {np.std(accs, ddof=1):.2f}' in row
   assert '| 2 |' in row and '| 0.003 |' in row  # tiny_config's learning rate
   paths = report.plot(results, str(out))
@@ -39,7 +39,8 @@ def test_export_table_and_plots(tmp_path):
                initial_trainable_params=s['trainable_params'])
   paths = report.plot(results + [small], str(out))
   assert os.path.basename(paths[-1]) == 'params.png' and os.path.getsize(paths[-1]) > 1000
-  row = next(l for l in report.table(results + [small]).splitlines() if l.startswith('| ssa |'))
+  row = next(l for l in report.table(results + [small]).splitlines()
+             if l.startswith('| ssa rank 0.5 |'))
   assert f'| {small["trainable_params"]:,}–{s["trainable_params"]:,} |' in row
 
 
