@@ -13,9 +13,11 @@ reads them, then each path below runs ``--rounds`` times over all images (best r
 - ``train_full_decode``: the same crops from fully decoded arrays (``decode_image`` then
   ``augment_inception``: what the pipeline did before it decoded JPEGs at reduced scale and
   cropped inside Pillow), one thread, for the gain;
+- ``train_bytes_transform``: ``decode_inception`` alone (the train path without batching and
+  normalisation), one thread;
 - ``decode_only``: ``decode_image`` at full size, one thread.
 
-Reported: images/s, and images/s per thread. ``cores_per_gpu`` is how many such threads one
+Reported: images/s, images/s per thread, and "threads per GPU": how many such threads one
 accelerator would need at the ResNet-50 training rate of the flax ImageNet example
 (``--gpu_images_per_s``, default 1,034/s: v100_x8_mixed_precision, 100 epochs of 1.28 M images
 in 4.3 h over 8 GPUs, flax/examples/imagenet/README.md; fp32 on V100 is 337/s).

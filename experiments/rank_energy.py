@@ -23,15 +23,14 @@ from lrdfa_jax import rank, train
 def energy_table(params, energies, floor: int | float = 1) -> list[dict]:
   """One row per τ: the new rank of every factored layer (unchanged ones too) and the
   trainable parameters of ``params`` after the cut."""
-  names = ['/'.join(p) for p in rank.svd_layers(params)]
-  current = {'/'.join(p): l['s'].shape[0] for p, l in rank.svd_layers(params).items()}
-  rows = [{'energy': None, 'ranks': current, 'params': train.param_count(params)}]
+  current = {p: l['s'].shape[0] for p, l in rank.svd_layers(params).items()}
+  rows = [{'energy': None, 'ranks': {'/'.join(p): r for p, r in current.items()},
+           'params': train.param_count(params)}]
   for tau in energies:
-    ranks = rank.choose_ranks(params, tau, floor)
+    ranks = rank.choose_ranks(params, tau, floor)  # only the layers that change
     cut, _, _, _ = rank.reduce(params, None, ranks)
     rows.append({'energy': tau, 'params': train.param_count(cut),
-                 'ranks': {n: {'/'.join(p): r for p, r in ranks.items()}.get(n, current[n])
-                           for n in names}})
+                 'ranks': {'/'.join(p): ranks.get(p, r) for p, r in current.items()}})
   return rows
 
 
@@ -65,9 +64,7 @@ def main(argv=None):
   if not rank.svd_layers(params):
     p.error(f'{a.run} has no factored layer (method {config.dfa.method}); rank reduction '
             'applies to svd_bp and ssa.')
-  floor = a.floor
-  rows = energy_table(params, [float(e) for e in a.energies.split(',')],
-                      int(floor) if float(floor).is_integer() else floor)
+  rows = energy_table(params, [float(e) for e in a.energies.split(',')], a.floor)
   print(f'{a.run}, step {int(state.step)}:\n')
   print(markdown(rows))
   spectra = {'/'.join(p): np.sort(np.abs(np.asarray(l['s'])))[::-1]

@@ -602,9 +602,7 @@ def reduce_ranks(config: ml_collections.ConfigDict, state: TrainState, num_class
   to match and ``apply_fn`` rebuilt at the new ranks; on the host. Also returns the new
   ranks by layer path (empty: nothing to cut, ``state`` unchanged)."""
   host = jax.device_get(state)
-  floor = config.rank.floor
-  ranks = rank_lib.choose_ranks(host.params, config.rank.energy,
-                                int(floor) if float(floor).is_integer() else floor)
+  ranks = rank_lib.choose_ranks(host.params, config.rank.energy, config.rank.floor)
   if not ranks:
     return state, {}
   params, opt_state, feedback, f_opt = rank_lib.reduce(
