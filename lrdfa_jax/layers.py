@@ -151,18 +151,8 @@ class SVDDense(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    n_in = x.shape[-1]
-    r = resolve_rank(self.rank, min(n_in, self.features), name=self.name or 'SVDDense')
-
-    def init():
-      kernel = self.kernel_init(self.make_rng('params'), (n_in, self.features), jnp.float32)
-      return factor_dense_kernel(kernel, r)
-
-    u_OxR, s_R, v_IxR = _spectral_factors(self, init)
-    y = ((x @ v_IxR) * s_R) @ u_OxR.T
-    if self.use_bias:
-      y = y + self.param('bias', self.bias_init, (self.features,))
-    return y
+    return svd_dense(self, x, self.features, self.rank, use_bias=self.use_bias,
+                     kernel_init=self.kernel_init, bias_init=self.bias_init)
 
 
 class SVDConv(nn.Module):
@@ -183,30 +173,63 @@ class SVDConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    kh, kw = self.kernel_size
-    cin = x.shape[-1]
-    shape = (kh, kw, cin, self.features)
-    r = resolve_rank(self.rank, conv_full_rank(shape, self.split), name=self.name or 'SVDConv')
+    return svd_conv(self, x, self.features, self.kernel_size, self.rank, strides=self.strides,
+                    padding=self.padding, split=self.split, use_bias=self.use_bias,
+                    kernel_init=self.kernel_init, bias_init=self.bias_init)
 
-    def init():
-      kernel = self.kernel_init(self.make_rng('params'), shape, jnp.float32)
-      return factor_conv_kernel(kernel, r, self.split)
 
-    u, s_R, v = _spectral_factors(self, init)
-    sh, sw = self.strides
-    if self.split == 'spatial':
-      pad_h, pad_w = _split_padding(self.padding)
-      k1 = v.reshape(kh, 1, cin, r)                                  # kh×1: Cin -> r
-      k2 = u.reshape(1, kw, self.features, r).transpose(0, 1, 3, 2)  # 1×kw: r -> Cout
-      y = _conv(x, k1, (sh, 1), pad_h) * s_R
-      y = _conv(y, k2, (1, sw), pad_w)
-    else:
-      k1 = v.reshape(kh, kw, cin, r)
-      y = _conv(x, k1, (sh, sw), self.padding) * s_R
-      y = y @ u.T                                                    # 1×1: r -> Cout
-    if self.use_bias:
-      y = y + self.param('bias', self.bias_init, (self.features,))
-    return y
+def svd_dense(module: nn.Module, x: Array, features: int, rank: Rank, *, use_bias: bool = True,
+              kernel_init: Callable[..., Array] = nn.initializers.lecun_normal(),
+              bias_init: Callable[..., Array] = nn.initializers.zeros_init()) -> Array:
+  """:class:`SVDDense`'s forward, creating ``u``, ``s``, ``v``, ``bias`` in ``module``'s scope.
+
+  ``module`` is any bound module inside its ``__call__`` (``lrdfa_jax.convert`` passes a
+  user's ``nn.Dense``, so the factors live where its ``kernel`` would).
+  """
+  n_in = x.shape[-1]
+  r = resolve_rank(rank, min(n_in, features), name=module.name or 'SVDDense')
+
+  def init():
+    kernel = kernel_init(module.make_rng('params'), (n_in, features), jnp.float32)
+    return factor_dense_kernel(kernel, r)
+
+  u_OxR, s_R, v_IxR = _spectral_factors(module, init)
+  y = ((x @ v_IxR) * s_R) @ u_OxR.T
+  if use_bias:
+    y = y + module.param('bias', bias_init, (features,))
+  return y
+
+
+def svd_conv(module: nn.Module, x: Array, features: int, kernel_size: Sequence[int], rank: Rank,
+             *, strides: Sequence[int] = (1, 1), padding: Padding = 'SAME',
+             split: str = 'spatial', use_bias: bool = True,
+             kernel_init: Callable[..., Array] = nn.initializers.lecun_normal(),
+             bias_init: Callable[..., Array] = nn.initializers.zeros_init()) -> Array:
+  """:class:`SVDConv`'s forward, creating its params in ``module``'s scope (see :func:`svd_dense`)."""
+  kh, kw = kernel_size
+  cin = x.shape[-1]
+  shape = (kh, kw, cin, features)
+  r = resolve_rank(rank, conv_full_rank(shape, split), name=module.name or 'SVDConv')
+
+  def init():
+    kernel = kernel_init(module.make_rng('params'), shape, jnp.float32)
+    return factor_conv_kernel(kernel, r, split)
+
+  u, s_R, v = _spectral_factors(module, init)
+  sh, sw = strides
+  if split == 'spatial':
+    pad_h, pad_w = _split_padding(padding)
+    k1 = v.reshape(kh, 1, cin, r)                                 # kh×1: Cin -> r
+    k2 = u.reshape(1, kw, features, r).transpose(0, 1, 3, 2)      # 1×kw: r -> Cout
+    y = _conv(x, k1, (sh, 1), pad_h) * s_R
+    y = _conv(y, k2, (1, sw), pad_w)
+  else:
+    k1 = v.reshape(kh, kw, cin, r)
+    y = _conv(x, k1, (sh, sw), padding) * s_R
+    y = y @ u.T                                                   # 1×1: r -> Cout
+  if use_bias:
+    y = y + module.param('bias', bias_init, (features,))
+  return y
 
 
 def svd_param_count(n_in: int, n_out: int, rank: int, use_bias: bool = True) -> int:
