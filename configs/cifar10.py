@@ -9,7 +9,7 @@ Run card:
             by `python -m experiments.protocol` (its ssa run has this config; 1,296 s with other
             runs sharing the machine). Summary in results/main_cifar10/, the comparison with
             bp/svd_bp/dfa and the channel-broadcast feedback of configs/default.py in
-            results/cifar10_small_conv/ and the README.
+            results/cifar10_small_conv/ and docs/results.md.
 """
 from configs import default
 
@@ -20,7 +20,7 @@ def get_config(arg: str = ''):
   c.data.source = 'offline'
   # Full feature-map feedback: on held-out data +3.2 points over channel broadcast for ssa, and
   # +3.3 (ssa, 3 seeds each) / +4.8 (dfa, 3 seeds against 1, each at its tuned lr) at 10
-  # epochs (README, "Results on CIFAR-10"). configs/default.py keeps channel broadcast.
+  # epochs (docs/results.md). configs/default.py keeps channel broadcast.
   c.dfa.delivery = 'full'
   if arg:
     default.apply_arg(c, arg)

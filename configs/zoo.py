@@ -19,7 +19,7 @@ Run card:
             mobilenet_v1 and resnet18/50: stem = cifar | imagenet
   recipe:   CIFAR: ReLU + BN, Adam 1e-3, cosine after 500 warmup steps, batch 128, 100 epochs,
             crop + flip. ImageNet: configs/imagenet.py's (batch 256, 90 epochs).
-  params:   python -m experiments.param_counts (the README's model-zoo table)
+  params:   python -m experiments.param_counts (the table in docs/zoo.md)
   expected: not measured in this project yet. Published references (BioTorch, Adam):
             ResNet-20 / CIFAR-10 BP 89.99 %, DFA 67.84 %; ResNet-18 / ImageNet BP 69.61 %,
             DFA 17.55 % top-1. The SSA paper's earlier version reports VGG-13 within ~0.2
