@@ -9,9 +9,11 @@ intercepting the model's module calls (``nn.intercept_methods``):
   (:func:`lrdfa_jax.layers.svd_dense` / :func:`~lrdfa_jax.layers.svd_conv`) at the rank that
   ``rank`` and ``overrides`` give its path (``models.layer_rank``: fnmatch patterns, last wins,
   ``'dense'`` keeps a layer dense; ``rank=None`` keeps every layer dense, for plain DFA).
-  The factors live where the layer's ``kernel`` would (``params['Dense_0']['u']``), drawn
-  from the same ``kernel_init`` sample, so at full rank the converted model computes the
-  original's function;
+  The factors live where the layer's ``kernel`` would (``params['Dense_0']['u']``). For
+  layers defined inline (``@nn.compact``) they come from the same ``kernel_init`` sample and
+  bias draw, so at full rank the converted model starts as the original; submodules passed as
+  fields draw from another rng stream under the wrapper. :func:`factorize` of the original's
+  params gives its function exactly, at full rank, for any layout;
 * the model is cut into **blocks**, in call order: each such layer is a block, or, for the
   submodules that a ``blocks`` pattern names (a residual block), the whole submodule. Under
   ``local=True`` every block's input is ``stop_gradient``-ed, and a block's **tap** is the
@@ -106,23 +108,34 @@ class Converted(nn.Module):
     nn.share_scope(self, self.module)
 
   def __call__(self, *args, local: bool = False, **kwargs):
-    root = len(self.module.scope.path)
     units: list[str] = []   # blocks in call order
     taps: dict[str, Array] = {}
+    active: list[nn.Module] = []  # declared blocks being called (their own methods pass through)
     overrides = dict(self.overrides)
+
+    def rel_path(m: nn.Module) -> tuple[str, ...]:
+      names = []
+      while m is not None and m is not self.module:
+        names.append(m.name)
+        m = m.parent
+      return tuple(reversed(names))
 
     def in_block(path: tuple[str, ...]) -> bool:
       return any(fnmatch.fnmatchcase('/'.join(path[:i]), b)
                  for i in range(1, len(path)) for b in self.blocks)
 
     def interceptor(next_fun, call_args, call_kwargs, context):
-      m = context.module
-      if context.method_name != '__call__' or m is self.module:
+      m, method = context.module, context.method_name
+      if m is self.module or method.startswith('_') and method != '__call__' \
+          or method == 'setup' or any(a is m for a in active):
         return next_fun(*call_args, **call_kwargs)
-      rel = tuple(m.scope.path[root:])
+      rel = rel_path(m)
       path = '/'.join(rel)
-      declared = any(fnmatch.fnmatchcase(path, b) for b in self.blocks)
-      if (declared or _is_layer(m)) and not in_block(rel):
+      inside = in_block(rel)  # the outermost match is the block ('*' also matches '/')
+      declared = not inside and any(fnmatch.fnmatchcase(path, b) for b in self.blocks)
+      if not declared and method != '__call__':
+        return next_fun(*call_args, **call_kwargs)
+      if declared or (_is_layer(m) and not inside):
         if path in units:
           raise ValueError(f'convert: {path} is called twice; a block must run once per forward '
                            '(shared weights cannot be trained by a block-local rule).')
@@ -134,6 +147,12 @@ class Converted(nn.Module):
           taps[units[-1]] = x
         units.append(path)
         call_args = (jax.lax.stop_gradient(x) if local else x, *call_args[1:])
+      if declared:
+        active.append(m)
+        try:
+          return next_fun(*call_args, **call_kwargs)
+        finally:
+          active.pop()
       y = self._factored(m, path, overrides, call_args, call_kwargs) if _is_layer(m) else None
       return next_fun(*call_args, **call_kwargs) if y is None else y
 
@@ -156,11 +175,12 @@ class Converted(nn.Module):
       raise ValueError(f'convert: {path} is called with more than its input; keep it dense with '
                        f"overrides={{'{path}': 'dense'}}.")
     x, dtype = call_args[0], m.dtype
+    common = dict(use_bias=m.use_bias, kernel_init=m.kernel_init, bias_init=m.bias_init,
+                  param_dtype=m.param_dtype)
     if isinstance(m, nn.Dense):
-      y = layers.svd_dense(m, x, m.features, r, use_bias=m.use_bias, kernel_init=m.kernel_init,
-                           bias_init=m.bias_init)
+      y = layers.svd_dense(m, x, m.features, r, **common)
       return y if dtype is None else y.astype(dtype)
-    ks = _pairs(m.kernel_size)
+    ks = (m.kernel_size,) if isinstance(m.kernel_size, int) else tuple(m.kernel_size)  # as flax
     if len(ks) != 2 or x.ndim != 4:
       raise ValueError(f'convert: {path} is not a 2-D conv on NHWC images (kernel {ks}, input '
                        f"rank {x.ndim}); keep it dense with overrides={{'{path}': 'dense'}}.")
@@ -171,29 +191,52 @@ class Converted(nn.Module):
       raise ValueError(f'convert: {path} is dilated or masked, which the factored conv cannot '
                        f"run; keep it dense with overrides={{'{path}': 'dense'}}.")
     y = layers.svd_conv(m, x, m.features, ks, r, strides=_pairs(m.strides),
-                        padding=_conv_padding(m, path), split=self.split, use_bias=m.use_bias,
-                        kernel_init=m.kernel_init, bias_init=m.bias_init)
+                        padding=_conv_padding(m, path), split=self.split, **common)
     return y if dtype is None else y.astype(dtype)
 
   def init(self, rngs, *args, **kwargs):
+    """``nn.Module.init``, then :func:`check_blocks` on random inputs of the same shapes.
+
+    The check runs only where values are concrete: not under ``jax.jit``, ``eval_shape`` or a
+    parent module's ``init``; call :func:`check_blocks` yourself there.
+    """
     variables = super().init(rngs, *args, **kwargs)
     concrete = not any(isinstance(a, jax.core.Tracer)
-                       for a in jax.tree.leaves((variables, args, kwargs)))  # not under jit/eval_shape
+                       for a in jax.tree.leaves((variables, args, kwargs)))
     if self.check and concrete:
-      # on random inputs of the init's shapes: an all-zero init input can leave a ReLU block
-      # with exactly zero gradients, which would read as a block its tap does not reach
-      keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(args)) or 1))
-      probe = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype)
-                           if jnp.issubdtype(jnp.result_type(a), jnp.floating) else a, args)
-      check_blocks(self, variables, *probe, **kwargs)
+      call = {k: v for k, v in kwargs.items()
+              if k not in ('method', 'mutable', 'capture_intermediates')}
+      other_rngs = {k: v for k, v in rngs.items() if k != 'params'} if isinstance(rngs, dict) \
+          else {}
+      check_blocks(self, variables, *probe_inputs(args), rngs=other_rngs, **call)
     return variables
+
+
+def probe_inputs(args, seed: int = 0):
+  """Random arrays shaped like ``args``: an all-zero init input can leave a ReLU block with
+  exactly zero gradients, which would read as a block its tap does not reach. Floats are
+  N(0, 1); integers are drawn from ``[0, max(arg) + 1]`` (token ids stay in range)."""
+  leaves, treedef = jax.tree.flatten(args)
+  keys = jax.random.split(jax.random.key(seed), len(leaves) or 1)
+
+  def draw(key, a):
+    if not hasattr(a, 'shape'):
+      return a
+    a = jnp.asarray(a)
+    if jnp.issubdtype(a.dtype, jnp.floating):
+      return jax.random.normal(key, a.shape, a.dtype)
+    if jnp.issubdtype(a.dtype, jnp.integer):
+      return jax.random.randint(key, a.shape, 0, int(a.max()) + 2).astype(a.dtype)
+    return a
+  return jax.tree.unflatten(treedef, [draw(k, a) for k, a in zip(keys, leaves)])
 
 
 def _flat(tree) -> dict[str, Any]:
   return traverse_util.flatten_dict(tree, sep='/')
 
 
-def reached(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, set[str]]:
+def reached(model: nn.Module, variables: Any, *args, rngs: Any = None,
+            **kwargs) -> dict[str, set[str]]:
   """Output (``'<logits>'`` or a tap name) -> the param leaves its local cotangent reaches.
 
   One ``vjp`` of the ``local=True`` forward per output, with a random cotangent on that output
@@ -204,7 +247,8 @@ def reached(model: nn.Module, variables: Any, *args, **kwargs) -> dict[str, set[
   mutable = list(state) or False
 
   def forward(p):
-    out = model.apply({'params': p, **state}, *args, local=True, mutable=mutable, **kwargs)
+    out = model.apply({'params': p, **state}, *args, local=True, mutable=mutable,
+                      rngs=rngs or None, **kwargs)
     return out[0] if mutable else out
 
   (logits, taps), vjp_fn = jax.vjp(forward, params)
@@ -235,6 +279,13 @@ def check_blocks(model: nn.Module, variables: Any, *args, **kwargs) -> None:
             f'submodule that holds it as one block (convert(..., {hint})), or move the skip '
             'into a submodule.')
       owner[leaf] = name
+  orphans = sorted(set(_flat(variables['params'])) - set(owner))
+  if orphans:
+    raise ValueError(
+        f'convert: no block\'s signal reaches {orphans[0]}'
+        f"{f' (and {len(orphans) - 1} more)' if len(orphans) > 1 else ''}, so it would never "
+        'train: it sits before the first block (e.g. a normalisation of the input) or is unused. '
+        'Declare a submodule holding it as a block, or leave it out of the model.')
   for tap in by_output:
     if tap == LOGITS:
       continue
@@ -259,17 +310,18 @@ def factorize(model: Converted, dense_params: Any, *args, **kwargs) -> Any:
   flat = _flat(dense_params)
   out = {}
   for path, shape in target.items():
-    layer, leaf = path.rsplit('/', 1)
-    if leaf in ('u', 's', 'v'):
+    layer, _, leaf = path.rpartition('/')
+    factored = all(f'{layer}/{k}' in target for k in ('u', 's', 'v')) \
+        and f'{layer}/kernel' in flat and path not in flat
+    if factored:
       if leaf == 'u':
-        kernel = flat.get(f'{layer}/kernel')
-        if kernel is None:
-          raise ValueError(f'factorize: dense_params has no {layer}/kernel; pass the params of '
-                           'the model that was converted.')
+        kernel = flat[f'{layer}/kernel']
         r = target[f'{layer}/s'].shape[0]
-        f = (layers.factor_dense_kernel(kernel, r) if kernel.ndim == 2
-             else layers.factor_conv_kernel(kernel, r, model.split))
-        out.update({f'{layer}/{k}': f[k] for k in ('u', 's', 'v')})
+        k32 = jnp.asarray(kernel, jnp.float32)  # the SVD runs in float32 (bf16 kernels too)
+        f = (layers.factor_dense_kernel(k32, r) if kernel.ndim == 2
+             else layers.factor_conv_kernel(k32, r, model.split))
+        out.update({f'{layer}/{k}': f[k].astype(target[f'{layer}/{k}'].dtype)
+                    for k in ('u', 's', 'v')})
     elif path in flat:
       out[path] = flat[path]
     else:
@@ -284,7 +336,7 @@ def densify(model: Converted, params: Any, *args, **kwargs) -> Any:
   flat = _flat(params)
   out = {}
   for path, shape in target.items():
-    layer, leaf = path.rsplit('/', 1)
+    layer, _, leaf = path.rpartition('/')
     if leaf == 'kernel' and f'{layer}/u' in flat:
       u, s, v = (flat[f'{layer}/{k}'] for k in ('u', 's', 'v'))
       out[path] = (layers.rebuild_dense_kernel(u, s, v) if len(shape.shape) == 2 else

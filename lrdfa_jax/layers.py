@@ -127,14 +127,28 @@ def _conv(x: Array, kernel: Array, strides, padding) -> Array:
   return lax.conv_general_dilated(x, kernel, tuple(strides), padding, dimension_numbers=_DN)
 
 
-def _spectral_factors(module: nn.Module, init_fn: Callable[[], dict[str, Array]]):
-  """Creates ``u``, ``s``, ``v`` params from one joint SVD at init time."""
+def _spectral_factors(module: nn.Module, init_fn: Callable[[], dict[str, Array]], *,
+                      features: int, use_bias: bool, bias_init: Callable[..., Array],
+                      param_dtype: Any = jnp.float32):
+  """Creates ``u``, ``s``, ``v`` from one joint SVD at init time, and the bias (or None).
+
+  The kernel sample takes the scope's first ``params`` key and the bias the second, as in
+  ``nn.Dense`` / ``nn.Conv``, so a layer converted at full rank starts as the original.
+  """
+  bias_key = []
   if module.has_variable('params', 'u'):
     # Flax shape-checks existing params by tracing their init fn; hand it the param itself.
     factors = {k: module.get_variable('params', k) for k in ('u', 's', 'v')}
   else:
-    factors = init_fn()
-  return tuple(module.param(k, lambda _rng, k=k: factors[k]) for k in ('u', 's', 'v'))
+    factors = {k: f.astype(param_dtype) for k, f in init_fn().items()}
+    if use_bias:
+      bias_key.append(module.make_rng('params'))
+  u, s, v = (module.param(k, lambda _rng, k=k: factors[k]) for k in ('u', 's', 'v'))
+  bias = None
+  if use_bias:
+    bias = module.param('bias', lambda rng, shape: bias_init(bias_key[0] if bias_key else rng,
+                                                             shape, param_dtype), (features,))
+  return u, s, v, bias
 
 
 class SVDDense(nn.Module):
@@ -180,7 +194,8 @@ class SVDConv(nn.Module):
 
 def svd_dense(module: nn.Module, x: Array, features: int, rank: Rank, *, use_bias: bool = True,
               kernel_init: Callable[..., Array] = nn.initializers.lecun_normal(),
-              bias_init: Callable[..., Array] = nn.initializers.zeros_init()) -> Array:
+              bias_init: Callable[..., Array] = nn.initializers.zeros_init(),
+              param_dtype: Any = jnp.float32) -> Array:
   """:class:`SVDDense`'s forward, creating ``u``, ``s``, ``v``, ``bias`` in ``module``'s scope.
 
   ``module`` is any bound module inside its ``__call__`` (``lrdfa_jax.convert`` passes a
@@ -193,18 +208,18 @@ def svd_dense(module: nn.Module, x: Array, features: int, rank: Rank, *, use_bia
     kernel = kernel_init(module.make_rng('params'), (n_in, features), jnp.float32)
     return factor_dense_kernel(kernel, r)
 
-  u_OxR, s_R, v_IxR = _spectral_factors(module, init)
+  u_OxR, s_R, v_IxR, bias = _spectral_factors(module, init, features=features, use_bias=use_bias,
+                                               bias_init=bias_init, param_dtype=param_dtype)
   y = ((x @ v_IxR) * s_R) @ u_OxR.T
-  if use_bias:
-    y = y + module.param('bias', bias_init, (features,))
-  return y
+  return y if bias is None else y + bias
 
 
 def svd_conv(module: nn.Module, x: Array, features: int, kernel_size: Sequence[int], rank: Rank,
              *, strides: Sequence[int] = (1, 1), padding: Padding = 'SAME',
              split: str = 'spatial', use_bias: bool = True,
              kernel_init: Callable[..., Array] = nn.initializers.lecun_normal(),
-             bias_init: Callable[..., Array] = nn.initializers.zeros_init()) -> Array:
+             bias_init: Callable[..., Array] = nn.initializers.zeros_init(),
+             param_dtype: Any = jnp.float32) -> Array:
   """:class:`SVDConv`'s forward, creating its params in ``module``'s scope (see :func:`svd_dense`)."""
   kh, kw = kernel_size
   cin = x.shape[-1]
@@ -215,7 +230,8 @@ def svd_conv(module: nn.Module, x: Array, features: int, kernel_size: Sequence[i
     kernel = kernel_init(module.make_rng('params'), shape, jnp.float32)
     return factor_conv_kernel(kernel, r, split)
 
-  u, s_R, v = _spectral_factors(module, init)
+  u, s_R, v, bias = _spectral_factors(module, init, features=features, use_bias=use_bias,
+                                      bias_init=bias_init, param_dtype=param_dtype)
   sh, sw = strides
   if split == 'spatial':
     pad_h, pad_w = _split_padding(padding)
@@ -227,9 +243,7 @@ def svd_conv(module: nn.Module, x: Array, features: int, kernel_size: Sequence[i
     k1 = v.reshape(kh, kw, cin, r)
     y = _conv(x, k1, (sh, sw), padding) * s_R
     y = y @ u.T                                                   # 1×1: r -> Cout
-  if use_bias:
-    y = y + module.param('bias', bias_init, (features,))
-  return y
+  return y if bias is None else y + bias
 
 
 def svd_param_count(n_in: int, n_out: int, rank: int, use_bias: bool = True) -> int:

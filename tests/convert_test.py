@@ -189,3 +189,107 @@ def test_models_that_are_not_a_chain_of_blocks_fail_with_one_line_errors():
   assert cv.convert(Circular(), overrides={'Conv_0': 'dense'}).init(KEY, X)
   with pytest.raises(TypeError, match='Flax Linen module'):
     cv.convert(UserNet)
+
+
+class Encoder(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.relu(nn.Conv(6, (3, 3), padding='SAME', bias_init=nn.initializers.normal(1.0))(x))
+
+
+class WithFields(nn.Module):
+  """Submodules passed as fields and built in setup, an nn.Sequential head, non-zero biases."""
+  enc: nn.Module
+  head: nn.Module
+
+  def __call__(self, x):
+    return self.head(self.enc(x).mean((1, 2)))
+
+
+def _with_fields():
+  return WithFields(enc=Encoder(), head=nn.Sequential([
+      nn.Dense(16, bias_init=nn.initializers.normal(1.0)), nn.relu, nn.Dense(5)]))
+
+
+@pytest.mark.parametrize('split', ['channel', 'spatial'])
+def test_field_and_sequential_submodules_keep_their_paths_and_function(split):
+  want_vars = _with_fields().init(KEY, X)
+  model = cv.convert(_with_fields(), rank='full', split=split, overrides={'head/layers_2': 'dense'})
+  variables = model.init(KEY, X)
+  assert set(variables['params']) == {'enc', 'head'}
+  assert 'u' in variables['params']['enc']['Conv_0'] and 'kernel' in variables['params']['head']['layers_2']
+  logits, taps = model.apply(variables, X)
+  assert list(taps) == ['enc/Conv_0', 'head/layers_0']
+  # (submodules passed as fields draw from another rng stream under the wrapper, so compare
+  # through factorize: the original's params, factored at full rank, give its function)
+  factors = cv.factorize(model, want_vars['params'], X)
+  np.testing.assert_allclose(model.apply({'params': factors}, X)[0],
+                             _with_fields().apply(want_vars, X), atol=1e-4)
+  assert _close(cv.densify(model, factors, X), want_vars['params'], 1e-5)
+
+
+def test_a_non_zero_bias_init_draws_the_originals_bias():
+  want = UserNetBias().init(KEY, X)
+  got = cv.convert(UserNetBias(), rank='full').init(KEY, X)
+  np.testing.assert_allclose(got['params']['Conv_0']['bias'], want['params']['Conv_0']['bias'])
+  np.testing.assert_allclose(cv.convert(UserNetBias(), rank='full').apply(got, X)[0],
+                             UserNetBias().apply(want, X), atol=1e-4)
+
+
+class UserNetBias(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(6, (3, 3), bias_init=nn.initializers.normal(1.0))(x))
+    return nn.Dense(5, bias_init=nn.initializers.normal(1.0))(x.mean((1, 2)))
+
+
+class Scaled(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(8, param_dtype=jnp.bfloat16)(x.reshape(x.shape[0], -1))
+    return nn.Dense(5)(x * self.param('s', nn.initializers.ones, (8,)))
+
+
+class CustomBlock(nn.Module):
+  @nn.compact
+  def forward(self, x):
+    return nn.relu(nn.Dense(8)(x) + x[..., :8])
+
+
+class CallsAMethod(nn.Module):
+  def setup(self):
+    self.stem, self.block, self.head = nn.Dense(8), CustomBlock(), nn.Dense(5)
+
+  def __call__(self, x):
+    return self.head(self.block.forward(nn.relu(self.stem(x.reshape(x.shape[0], -1)))))
+
+
+class NormFirst(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.LayerNorm()(x.reshape(x.shape[0], -1))
+    return nn.Dense(5)(nn.relu(nn.Dense(8)(x)))
+
+
+def test_dtypes_custom_params_methods_and_untrained_params():
+  model = cv.convert(Scaled(), rank='full')
+  params = model.init(KEY, X)['params']
+  assert params['Dense_0']['u'].dtype == jnp.bfloat16 and params['Dense_1']['u'].dtype == jnp.float32
+  # a user param named like a factor is copied, not factored
+  dense = Scaled().init(KEY, X)['params']
+  assert np.array_equal(cv.factorize(model, dense, X)['s'], dense['s'])
+  # a declared block called through another method is cut and tapped as one block
+  m = cv.convert(CallsAMethod(), blocks=['block'])
+  assert list(m.apply(m.init(KEY, X), X)[1]) == ['stem', 'block']
+  with pytest.raises(ValueError, match='both reach parameter'):
+    cv.convert(CallsAMethod()).init(KEY, X)
+  with pytest.raises(ValueError, match=r"no block's signal reaches LayerNorm_0/bias .* never train"):
+    cv.convert(NormFirst()).init(KEY, X)
+  with pytest.raises(ValueError, match='not a 2-D conv'):  # flax reads kernel_size=3 as (3,)
+    cv.convert(IntKernel()).init(KEY, X)
+
+
+class IntKernel(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(5)(nn.Conv(4, 3)(x).mean((1, 2)))

@@ -25,12 +25,16 @@ CASES = {
         "assert all(s['final_test_accuracy'] >= 90 for s in summaries.values()), summaries\n"
         "assert summaries['ssa']['trainable_params'] < summaries['bp']['trainable_params']"),
     'your_model.ipynb': (
-        "STEPS = 6\nBATCH = 32\nSOURCE = 'synthetic'\nEVAL_EVERY = 3",
+        "STEPS = 12\nBATCH = 32\nSOURCE = 'synthetic'\nEVAL_EVERY = 6",
         "assert lt.param_count(variables['params']) < lt.param_count(dense_vars['params'])\n"
-        "assert [h['step'] for h in history] == [0, 3, 5]\n"
+        "assert [h['step'] for h in history] == [0, 6, 11]\n"
         "names = set(history[0]) - {'step', 'accuracy'}\n"
         "assert {'Conv_1', 'Dense_0', 'Dense_1', 'BatchNorm_1'} <= names, names\n"
-        "assert all(0 <= h[n] <= 180 for h in history for n in names)\n"
+        # the head gets the exact error: its local update is backprop's gradient
+        "assert all(h['Dense_1'] < 1.0 for h in history), history\n"
+        # the hidden blocks get the fed-back signal, not backprop's gradient
+        "assert all(1.0 < h[n] < 180 for h in history for n in ('Conv_1', 'Dense_0'))\n"
+        # (a dozen steps do not train it; the quickstart's test asserts that training learns)
         "assert 0 <= final <= 100"),
 }
 
