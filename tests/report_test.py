@@ -95,7 +95,10 @@ def test_protocol_variants_share_one_pipeline():
         assert c['model']['rank'] == (0.125 if '_r8' in name else 0.5)
         continue
       assert c[section] == base[section], (name, section)
-    if '_reduce' in name:
+    if name.endswith('_reduce_h01'):  # the held-out probe's recipe
+      assert c['rank']['epochs'] == (3, 6) and c['rank']['energy'] == protocol.PROBED_ENERGY
+      assert c['dfa']['hoyer_weight'] == protocol.PROBED_HOYER
+    elif '_reduce' in name:
       assert c['rank']['epochs'] == (3, 6) and c['rank']['energy'] == protocol.REDUCE_ENERGY
       assert c['dfa']['hoyer_weight'] == (protocol.HOYER_WEIGHT if 'hoyer' in name else 0.0)
     else:
