@@ -6,8 +6,10 @@
 Restores the run's last checkpoint, takes one training batch (seed 0, epoch 0) and writes, for
 every factored layer and each of ``u``, ``s``, ``v``: the Frobenius norm of the DFA update, of
 the backprop gradient, of ``orth_weight ·`` the orthogonality gradient and of ``align_weight ·``
-the subspace-alignment gradient, with the run's weights (``channel_subspace`` runs: that form,
-which also reaches full-map conv blocks; other runs: ``subspace``). Adam rescales the sum per
+the alignment gradient, with the run's weights: the parameter term the run trains
+(``alignment.PARAM_TERMS``: ``subspace``, ``channel_subspace``, ``next``; ``subspace`` as a
+reference for ``output``/``none`` runs), and of ``hoyer_weight ·`` the Hoyer gradient. Every
+factored layer is measured, those inside residual blocks too. Adam rescales the sum per
 coordinate, so a term whose norm is orders of magnitude below the DFA update barely moves the
 factors. For each block with full-map structured feedback it also writes ``channel_top_k``:
 the share of the feedback's channel second moment in its top ``k`` directions (the subspace
@@ -25,8 +27,9 @@ import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
 
+from lrdfa_jax import alignment
 from lrdfa_jax import data as data_lib
-from lrdfa_jax import dfa, layers, losses, train
+from lrdfa_jax import losses, train
 
 _RUN = flags.DEFINE_string('run', None, 'A finished ssa run directory.', required=True)
 _OUT = flags.DEFINE_string('json', None, 'JSON path to write (printed either way).')
@@ -45,23 +48,37 @@ def term_scales(run: str) -> dict:
   cfg = train.StepConfig(method='ssa', align='none')
   local, _ = train.compute_updates(cfg, state, batch)
   bp, _ = train.compute_updates(dataclasses.replace(cfg, method='bp'), state, batch)
-  svd = {k: v for k, v in state.params.items() if layers.is_svd_layer(v)}
-  orth = jax.grad(lambda p: sum(losses.orthogonality(p[k]['u'], p[k]['v']) for k in svd))(
+  svd = train._svd_layers(state.params)  # every factored layer, nested ones included
+  orth = jax.grad(lambda p: sum(losses.orthogonality(l['u'], l['v'])
+                                for l in train._svd_layers(p).values()))(state.params)
+  hoyer = jax.grad(lambda p: sum(losses.hoyer(l['s'])
+                                 for l in train._svd_layers(p).values()))(state.params)
+  model = train.build_model(config, info['num_classes'])
+  channels = alignment.tap_channels(train.tap_shapes(model, info['image_shape']))
+  # the run's parameter term where it has one; subspace as the reference otherwise
+  form = d.align if d.align in alignment.PARAM_TERMS else 'subspace'
+  term = alignment.PARAM_TERMS[form]
+  align = jax.grad(lambda p: term(p, state.feedback, channels=channels,
+                                  tap_order=train.tap_order(model, info['image_shape'])))(
       state.params)
-  channels = dfa.tap_channels(train.tap_shapes(train.build_model(config, info['num_classes']),
-                                              info['image_shape']))
-  align = jax.grad(dfa.subspace_alignment_loss)(
-      state.params, state.feedback, channels if d.align == 'channel_subspace' else None)
   out = {'run': run, 'step': int(state.step), 'orth_weight': d.orth_weight,
-         'align_weight': d.align_weight, 'align': d.align, 'layers': {},
+         'align_weight': d.align_weight, 'align': d.align, 'align_term': form,
+         'hoyer_weight': d.hoyer_weight, 'layers': {},
          'channel_top_k': channel_top_k(state.feedback, channels)}
-  for k in svd:
+
+  def at(tree, path):
+    for part in path.split('/'):
+      tree = tree[part]
+    return tree
+  for k, layer in svd.items():
     out['layers'][k] = {
-        f: {'dfa': float(jnp.linalg.norm(local[k][f])), 'bp': float(jnp.linalg.norm(bp[k][f])),
-            'orth': d.orth_weight * float(jnp.linalg.norm(orth[k][f])),
-            'align': d.align_weight * float(jnp.linalg.norm(align[k][f]))}
+        f: {'dfa': float(jnp.linalg.norm(at(local, k)[f])),
+            'bp': float(jnp.linalg.norm(at(bp, k)[f])),
+            'orth': d.orth_weight * float(jnp.linalg.norm(at(orth, k)[f])),
+            'align': d.align_weight * float(jnp.linalg.norm(at(align, k)[f])),
+            'hoyer': d.hoyer_weight * float(jnp.linalg.norm(at(hoyer, k)[f]))}
         for f in ('u', 's', 'v')}
-    out['layers'][k]['orth_error'] = float(losses.orthogonality(svd[k]['u'], svd[k]['v']))
+    out['layers'][k]['orth_error'] = float(losses.orthogonality(layer['u'], layer['v']))
   return out
 
 
@@ -70,9 +87,9 @@ def channel_top_k(feedback, channels: dict[str, int]) -> dict[str, dict[str, flo
   out = {}
   for name, c in channels.items():
     p = feedback.block(name).get('p')
-    if p is None or not dfa.is_full_map(p.shape, c):  # dense, or one value per channel
+    if p is None or not alignment.is_full_map(p.shape, c):  # dense, or one value per channel
       continue
-    moment = jnp.linalg.eigvalsh(dfa.channel_moment(p, c))[::-1]
+    moment = jnp.linalg.eigvalsh(alignment.channel_moment(p, c))[::-1]
     k = min(p.shape[1], c)
     out[name] = {'top_k_share': float(moment[:k].sum() / moment.sum()), 'isotropic': k / c,
                  'k': k, 'channels': c}
@@ -88,7 +105,8 @@ def main(argv):
       f.write(text + '\n')
   for k, v in out['layers'].items():
     for f in ('u', 's', 'v'):
-      print(f'{k}/{f}: ' + '  '.join(f'{t} {v[f][t]:.2e}' for t in ('dfa', 'bp', 'orth', 'align')))
+      print(f'{k}/{f}: ' + '  '.join(f'{t} {v[f][t]:.2e}'
+                                   for t in ('dfa', 'bp', 'orth', 'align', 'hoyer')))
   for k, v in out['channel_top_k'].items():
     print(f'{k}: top-{v["k"]} share of the feedback channel moment {v["top_k_share"]:.3f} '
           f'(isotropic {v["isotropic"]:.3f})')

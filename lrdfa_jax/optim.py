@@ -1,4 +1,4 @@
-"""Optax pieces: the orthogonality penalty, an exact retraction, and the chain builder.
+"""Optax pieces: the orthogonality and Hoyer penalties, an exact retraction, the chain builder.
 
 Factor leaves are found by name: ``u`` and ``v`` (2-D) inside a layer dict that also holds ``s``.
 """
@@ -51,6 +51,31 @@ def add_orthogonality_penalty(weight: float) -> optax.GradientTransformation:
       return u + weight * grad_one(p) if _is_factor(path, p) else u
 
     return jax.tree_util.tree_map_with_path(add, updates, params), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def add_hoyer_penalty(weight: float) -> optax.GradientTransformation:
+  """Adds ``weight · ∇_s (‖s‖₁ / ‖s‖₂)`` to the ``s`` update of every factored layer.
+
+  The Hoyer measure pushes a layer's singular-value energy into fewer directions, for rank
+  reduction (:mod:`lrdfa_jax.rank`). Layers are dicts holding ``u``, ``s`` and ``v``. Place it
+  first in a chain: the penalty is then part of the gradient that is clipped and scaled.
+  """
+  grad_one = jax.grad(losses.hoyer)
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError('add_hoyer_penalty needs params: call tx.update(g, s, params).')
+
+    def add(u, p):
+      return {**u, 's': u['s'] + weight * grad_one(p['s'])} if layers.is_svd_layer(p) else u
+
+    return jax.tree.map(add, updates, params, is_leaf=layers.is_svd_layer), state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -128,21 +153,24 @@ def make_schedule(base_lr: float, total_steps: int, *, kind: str = 'cosine',
 def build_optimizer(*, learning_rate: float | optax.Schedule, optimizer: str = 'adam',
                     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                     momentum: float = 0.9, weight_decay: float = 0.0,
-                    orth_weight: float = 0.0, retract: int = 0,
+                    orth_weight: float = 0.0, hoyer_weight: float = 0.0, retract: int = 0,
                     clip_norm: float = 0.0) -> optax.GradientTransformation:
-  """The whole chain: clip → orthogonality penalty → optimizer → retraction.
+  """The whole chain: Hoyer penalty → clip → orthogonality penalty → optimizer → retraction.
 
   Args:
     learning_rate: a float or an optax schedule.
     optimizer: ``'adam'``, ``'adamw'`` (decoupled decay on every leaf but ``s`` and ``bias``)
       or ``'sgd'`` (with ``momentum``; 0 for plain SGD).
     orth_weight: weight of :func:`add_orthogonality_penalty` (0 leaves it out).
+    hoyer_weight: weight of :func:`add_hoyer_penalty` (0 leaves it out).
     retract: QR retraction every this many steps (0 leaves it out).
     clip_norm: global-norm clipping of the update (0 leaves it out).
   """
   if optimizer not in OPTIMIZERS:
     raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.')
   parts = []
+  if hoyer_weight:
+    parts.append(add_hoyer_penalty(hoyer_weight))
   if clip_norm:
     parts.append(optax.clip_by_global_norm(clip_norm))
   if orth_weight:

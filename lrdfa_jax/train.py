@@ -26,6 +26,7 @@ from absl import logging
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lrdfa_jax import alignment
 from lrdfa_jax import data as data_lib
 from lrdfa_jax import dfa, feedback as fb, layers, losses, models, optim, signals
 from lrdfa_jax import rank as rank_lib
@@ -55,7 +56,6 @@ class StepConfig:
   method: str
   align: str = 'none'
   align_weight: float = 0.0
-  hoyer_weight: float = 0.0
   tap_order: tuple[str, ...] = ()  # forward order of the taps (align='next')
   signal: str = 'global'           # global | local | mixed (lrdfa_jax.signals)
   signal_mix: float = 0.5
@@ -71,7 +71,6 @@ class StepConfig:
     ``align='next'``)."""
     d = config.dfa
     return cls(method=d.method, align=d.align, align_weight=float(d.align_weight),
-               hoyer_weight=float(d.hoyer_weight) if d.method in FACTORED_METHODS else 0.0,
                tap_order=tuple(tap_order) if d.align == 'next' else (),
                signal=d.get('signal', 'global'), signal_mix=float(d.get('signal_mix', 0.5)),
                readout_norm=bool(d.get('readout_norm', True)),
@@ -113,9 +112,6 @@ def compute_updates(cfg: StepConfig, state: TrainState, batch: dict[str, Any]):
                                  learn_feedback=cfg.learn_feedback)
   else:
     grads, aux = dfa.bp_grads(forward, state.params, batch['label'])
-  if cfg.hoyer_weight:
-    hoyer = lambda p: sum(losses.hoyer(l['s']) for l in _svd_layers(p).values())  # noqa: E731
-    grads = jax.tree.map(lambda g, h: g + cfg.hoyer_weight * h, grads, jax.grad(hoyer)(state.params))
   return grads, aux
 
 
@@ -159,7 +155,7 @@ def eval_step(state: TrainState, batch: dict[str, Any]) -> dict[str, jax.Array]:
 def angle_step(cfg: StepConfig, state: TrainState, batch: dict[str, Any]) -> dict[str, jax.Array]:
   """Per-layer angle (degrees) between the method's update and the true BP gradient."""
   local, _ = compute_updates(cfg, state, batch)
-  bp, _ = compute_updates(dataclasses.replace(cfg, method='bp', hoyer_weight=0.0), state, batch)
+  bp, _ = compute_updates(dataclasses.replace(cfg, method='bp'), state, batch)
   return dfa.update_angles(local, bp)
 
 
@@ -360,10 +356,12 @@ def build_tx(config, total_steps: int) -> tuple[optax.GradientTransformation, op
   o = config.opt
   schedule = optim.make_schedule(o.lr, total_steps, kind=o.schedule,
                                  warmup_steps=int(o.warmup_steps))
-  orth = config.dfa.orth_weight if config.dfa.method in FACTORED_METHODS else 0.0
+  factored = config.dfa.method in FACTORED_METHODS
   return optim.build_optimizer(learning_rate=schedule, optimizer=o.name, b1=o.b1, b2=o.b2,
                                momentum=o.momentum, weight_decay=o.weight_decay,
-                               orth_weight=orth, retract=o.retract_every,
+                               orth_weight=config.dfa.orth_weight if factored else 0.0,
+                               hoyer_weight=config.dfa.hoyer_weight if factored else 0.0,
+                               retract=o.retract_every,
                                clip_norm=o.clip_norm), schedule
 
 
@@ -708,9 +706,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   aligned = None
   if cfg.method in LOCAL_METHODS and cfg.method in FACTORED_METHODS and cfg.align_weight \
       and cfg.align in ('subspace', 'channel_subspace'):
-    channels = (dfa.tap_channels(tap_shapes(model, info['image_shape']))
+    channels = (alignment.tap_channels(tap_shapes(model, info['image_shape']))
                 if cfg.align == 'channel_subspace' else None)
-    aligned, notice = dfa.alignment_coverage(
+    aligned, notice = alignment.coverage(
         state.params, state.feedback, cfg.align, channels=channels,
         dense_feedback=config.dfa.feedback == 'dense', signal=cfg.signal,
         delivery=config.dfa.delivery)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lrdfa_jax import alignment
 from lrdfa_jax import dfa, feedback as fb, layers, losses, models
 
 B, D_IN, C = 6, 5, 3
@@ -123,7 +124,7 @@ def test_alignment_terms_change_only_their_share(align):
   upd, aux = dfa.local_grads(fwd, params, feedback, y, align=align, align_weight=0.5)
   assert float(aux['align_loss']) > 0
   if align == 'subspace':
-    extra = jax.grad(lambda p: 0.5 * dfa.subspace_alignment_loss(p, feedback))(params)
+    extra = jax.grad(lambda p: 0.5 * alignment.subspace_loss(p, feedback))(params)
     want = jax.tree.map(jnp.add, base, extra)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), upd, want)
   assert not np.allclose(upd['conv2']['u'], base['conv2']['u'])
@@ -143,7 +144,7 @@ def test_next_layer_alignment_reads_feedback_subspace():
     a = np.asarray(r['v'] * r['s']).reshape(-1, p.shape[0], r['s'].shape[0])
     a = a.transpose(1, 0, 2).reshape(p.shape[0], -1)
     want += np.sum((a - p @ (p.T @ a))**2) / np.sum(a**2)
-  got = dfa.next_alignment_loss(params, feedback, order)
+  got = alignment.next_loss(params, feedback, order)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   # the term moves only the readers' V and s, never U, and the dense stem gets nothing
   fwd = _forward(model, x, True)
@@ -158,7 +159,7 @@ def test_next_layer_alignment_reads_feedback_subspace():
   with pytest.raises(ValueError, match='tap_order'):
     dfa.local_grads(fwd, params, feedback, y, align='next', align_weight=0.5)
   # descending the term alone lowers it
-  step = jax.jit(jax.value_and_grad(lambda p: dfa.next_alignment_loss(p, feedback, order)))
+  step = jax.jit(jax.value_and_grad(lambda p: alignment.next_loss(p, feedback, order)))
   p = params
   for _ in range(50):
     value, g = step(p)
@@ -181,7 +182,7 @@ def test_channel_marginal_recovers_the_channel_factor_of_a_kronecker_feedback():
   pc = fb._orthonormal(k[1], 7, 3)                                        # 7 channels, k = 3
   p = jnp.kron(a[:, None], pc)                                            # [positions·c, k], NHWC
   np.testing.assert_allclose(p.T @ p, np.eye(3), atol=1e-5)
-  basis = dfa.channel_marginal(p, 7)
+  basis = alignment.channel_marginal(p, 7)
   assert basis.shape == (7, 3)
   np.testing.assert_allclose(basis.T @ basis, np.eye(3), atol=1e-5)
   np.testing.assert_allclose(basis @ basis.T, pc @ pc.T, atol=1e-5)      # same span
@@ -194,14 +195,14 @@ def test_channel_marginal_recovers_the_channel_factor_of_a_kronecker_feedback():
 def test_channel_subspace_aligns_full_map_conv_blocks_by_channel():
   """With full-map feedback 'subspace' skips the conv blocks; 'channel_subspace' reaches them."""
   model, x, y, params, taps = _factored_small_conv()
-  channels = dfa.tap_channels(taps)
+  channels = alignment.tap_channels(taps)
   assert channels == {'conv1': 4, 'conv2': 6, 'conv3': 8}
   fwd = _forward(model, x, True)
   for delivery, subspace_blocks in (('channel', ['conv1', 'conv2', 'conv3', 'fc1']),
                                     ('full', ['conv3', 'fc1'])):
     feedback = fb.init_feedback(jax.random.key(1), dfa.tap_widths(taps, delivery), C, ranks=2)
-    assert dfa.subspace_alignment_blocks(params, feedback) == subspace_blocks
-    assert dfa.subspace_alignment_blocks(params, feedback, channels) == \
+    assert alignment.subspace_blocks(params, feedback) == subspace_blocks
+    assert alignment.subspace_blocks(params, feedback, channels) == \
         ['conv1', 'conv2', 'conv3', 'fc1']
     sub, _ = dfa.local_grads(fwd, params, feedback, y, align='subspace', align_weight=0.5)
     chan, aux = dfa.local_grads(fwd, params, feedback, y, align='channel_subspace',
@@ -230,5 +231,5 @@ def test_channel_subspace_loss_matches_a_numpy_reference():
       w, vecs = np.linalg.eigh(moment)
       p = vecs[:, np.argsort(w)[::-1][:p.shape[1]]]
     want += np.sum((a - p @ (p.T @ a))**2) / np.sum(a**2)
-  got = dfa.subspace_alignment_loss(params, feedback, dfa.tap_channels(taps))
+  got = alignment.subspace_loss(params, feedback, alignment.tap_channels(taps))
   np.testing.assert_allclose(float(got), want, rtol=1e-4)

@@ -78,3 +78,25 @@ def test_schedules():
   assert float(s(0)) == 0.0 and abs(float(s(10)) - 1.0) < 1e-6 and float(s(100)) < 1e-6
   c = optim.make_schedule(0.5, 100, kind='constant')
   assert float(c(77)) == 0.5
+
+
+def test_hoyer_penalty_adds_its_gradient_to_s_only_before_clipping():
+  params = _params()
+  params['nested'] = {'block': {'u': jnp.eye(4, 2), 's': jnp.array([3.0, 0.5]),
+                                'v': jnp.eye(3, 2), 'bias': jnp.zeros(4)}}
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.1), params)
+  w = 0.7
+  got, _ = optim.add_hoyer_penalty(w).update(grads, optax.EmptyState(), params)
+
+  def penalty(p):
+    return w * (losses.hoyer(p['l1']['s']) + losses.hoyer(p['nested']['block']['s']))
+  want = jax.tree.map(jnp.add, grads, jax.grad(penalty)(params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+  assert not np.allclose(got['nested']['block']['s'], grads['nested']['block']['s'])
+  # first in the chain: the penalty is clipped with the loss gradient
+  tx = optim.build_optimizer(learning_rate=1.0, optimizer='sgd', momentum=0.0, hoyer_weight=w,
+                             clip_norm=1e-3)
+  steps, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(optax.global_norm(steps), 1e-3, rtol=1e-5)
+  flat = lambda t: jnp.concatenate([x.ravel() for x in jax.tree.leaves(t)])  # noqa: E731
+  np.testing.assert_allclose(flat(steps) / 1e-3, -flat(want) / optax.global_norm(want), rtol=1e-5)

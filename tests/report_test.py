@@ -190,3 +190,26 @@ def test_term_scales_on_a_finished_run(tmp_path, delivery, align):
   assert set(shares) == (set() if delivery == 'channel' else {'conv1', 'conv2'})
   for v in shares.values():  # the top k directions hold at least their isotropic share
     assert v['isotropic'] - 1e-6 <= v['top_k_share'] <= 1 + 1e-6
+
+
+def test_term_scales_measures_nested_layers_and_the_terms_the_run_trains(tmp_path):
+  """A ResNet's factored convs sit inside blocks; an 'next' run with Hoyer trains those terms."""
+  import ml_collections
+
+  from experiments import term_scales
+  run = str(tmp_path / 'resnet')
+  c = tiny_config('ssa', train__epochs=1, dfa__align='next', dfa__hoyer_weight=0.1)
+  c.model.name = 'resnet20'
+  c.model.kwargs = ml_collections.ConfigDict(dict(width=0.25, stage_sizes=(1, 1),
+                                                  widths=(16, 32)))
+  train.train_and_evaluate(c, run)
+  out = term_scales.term_scales(run)
+  assert out['align_term'] == 'next' and out['hoyer_weight'] == 0.1
+  nested = [k for k in out['layers'] if '/' in k]
+  assert {'stage1_block0/conv1', 'stage2_block0/conv2'} <= set(nested), sorted(out['layers'])
+  for k, v in out['layers'].items():
+    assert v['u']['dfa'] > 0 and v['s']['hoyer'] > 0 and v['u']['hoyer'] == 0.0, k
+  # 'next' pulls the input factor V of each block's reading layer: stage2's first conv reads
+  # stage1's output
+  assert out['layers']['stage2_block0/conv1']['v']['align'] > 0
+  assert out['layers']['stage2_block0/conv1']['u']['align'] == 0.0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from lrdfa_jax import alignment
 from lrdfa_jax import data as data_lib
 from lrdfa_jax import dfa, train, writers
 
@@ -385,7 +386,7 @@ def test_subspace_alignment_blocks_follow_the_delivery(tmp_path, caplog):
   for delivery in ('channel', 'full'):
     config = tiny_config('ssa', dfa__delivery=delivery)
     state, *_ = _setup(config)
-    acting[delivery] = dfa.subspace_alignment_blocks(state.params, state.feedback)
+    acting[delivery] = alignment.subspace_blocks(state.params, state.feedback)
   # 8×8 images: conv3's tap is 1×1 after the pools, so its full map is just its channels
   assert acting == {'channel': ['conv1', 'conv2', 'conv3', 'fc1'], 'full': ['conv3', 'fc1']}
   config = tiny_config('ssa', dfa__delivery='full', train__stop_after_steps=1)
