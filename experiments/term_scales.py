@@ -45,7 +45,8 @@ def term_scales(run: str) -> dict:
                                       seed=0, epoch=0, mean=info['mean'], std=info['std']))
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   d = config.dfa
-  cfg = train.StepConfig(method='ssa', align='none')
+  # the run's own update (its signal source, readouts, similarity term), without alignment
+  cfg = dataclasses.replace(train.StepConfig.from_config(config), method='ssa', align='none')
   local, _ = train.compute_updates(cfg, state, batch)
   bp, _ = train.compute_updates(dataclasses.replace(cfg, method='bp'), state, batch)
   svd = train._svd_layers(state.params)  # every factored layer, nested ones included
