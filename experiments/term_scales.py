@@ -66,19 +66,13 @@ def term_scales(run: str) -> dict:
          'align_weight': d.align_weight, 'align': d.align, 'align_term': form,
          'hoyer_weight': d.hoyer_weight, 'layers': {},
          'channel_top_k': channel_top_k(state.feedback, channels)}
-
-  def at(tree, path):
-    for part in path.split('/'):
-      tree = tree[part]
-    return tree
+  # each term's gradient, by layer path, with the weight the run gives it
+  terms = {'dfa': (local, 1.0), 'bp': (bp, 1.0), 'orth': (orth, d.orth_weight),
+           'align': (align, d.align_weight), 'hoyer': (hoyer, d.hoyer_weight)}
+  by_layer = {t: (train._svd_layers(g), w) for t, (g, w) in terms.items()}
   for k, layer in svd.items():
-    out['layers'][k] = {
-        f: {'dfa': float(jnp.linalg.norm(at(local, k)[f])),
-            'bp': float(jnp.linalg.norm(at(bp, k)[f])),
-            'orth': d.orth_weight * float(jnp.linalg.norm(at(orth, k)[f])),
-            'align': d.align_weight * float(jnp.linalg.norm(at(align, k)[f])),
-            'hoyer': d.hoyer_weight * float(jnp.linalg.norm(at(hoyer, k)[f]))}
-        for f in ('u', 's', 'v')}
+    out['layers'][k] = {f: {t: w * float(jnp.linalg.norm(g[k][f])) for t, (g, w) in by_layer.items()}
+                        for f in ('u', 's', 'v')}
     out['layers'][k]['orth_error'] = float(losses.orthogonality(layer['u'], layer['v']))
   return out
 

@@ -174,12 +174,12 @@ class Converted(nn.Module):
     if len(call_args) != 1 or call_kwargs:
       raise ValueError(f'convert: {path} is called with more than its input; keep it dense with '
                        f"overrides={{'{path}': 'dense'}}.")
-    x, dtype = call_args[0], m.dtype
+    x = call_args[0]
     common = dict(use_bias=m.use_bias, kernel_init=m.kernel_init, bias_init=m.bias_init,
                   param_dtype=m.param_dtype)
     if isinstance(m, nn.Dense):
       y = layers.svd_dense(m, x, m.features, r, **common)
-      return y if dtype is None else y.astype(dtype)
+      return y if m.dtype is None else y.astype(m.dtype)
     ks = (m.kernel_size,) if isinstance(m.kernel_size, int) else tuple(m.kernel_size)  # as flax
     if len(ks) != 2 or x.ndim != 4:
       raise ValueError(f'convert: {path} is not a 2-D conv on NHWC images (kernel {ks}, input '
@@ -192,7 +192,7 @@ class Converted(nn.Module):
                        f"run; keep it dense with overrides={{'{path}': 'dense'}}.")
     y = layers.svd_conv(m, x, m.features, ks, r, strides=_pairs(m.strides),
                         padding=_conv_padding(m, path), split=self.split, **common)
-    return y if dtype is None else y.astype(dtype)
+    return y if m.dtype is None else y.astype(m.dtype)
 
   def init(self, rngs, *args, **kwargs):
     """``nn.Module.init``, then :func:`check_blocks` on random inputs of the same shapes.

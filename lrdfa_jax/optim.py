@@ -31,6 +31,11 @@ def factor_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(_is_factor, params)
 
 
+def _needs_params(name: str, params: Any) -> None:
+  if params is None:
+    raise ValueError(f'{name} needs params: call tx.update(g, s, params).')
+
+
 def add_orthogonality_penalty(weight: float) -> optax.GradientTransformation:
   """Adds ``weight · ∇_X ‖XᵀX − I‖²_F / r²`` to the update of every ``u`` and ``v`` leaf.
 
@@ -39,20 +44,13 @@ def add_orthogonality_penalty(weight: float) -> optax.GradientTransformation:
   """
   grad_one = jax.grad(losses.orthogonality_one)
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
+  def update(updates, params):
+    _needs_params('add_orthogonality_penalty', params)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u, p: u + weight * grad_one(p) if _is_factor(path, p) else u,
+        updates, params)
 
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError('add_orthogonality_penalty needs params: call tx.update(g, s, params).')
-
-    def add(path, u, p):
-      return u + weight * grad_one(p) if _is_factor(path, p) else u
-
-    return jax.tree_util.tree_map_with_path(add, updates, params), state
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.stateless(update)
 
 
 def add_hoyer_penalty(weight: float) -> optax.GradientTransformation:
@@ -64,20 +62,13 @@ def add_hoyer_penalty(weight: float) -> optax.GradientTransformation:
   """
   grad_one = jax.grad(losses.hoyer)
 
-  def init_fn(params):
-    del params
-    return optax.EmptyState()
+  def update(updates, params):
+    _needs_params('add_hoyer_penalty', params)
+    return jax.tree.map(
+        lambda u, p: {**u, 's': u['s'] + weight * grad_one(p['s'])} if layers.is_svd_layer(p)
+        else u, updates, params, is_leaf=layers.is_svd_layer)
 
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError('add_hoyer_penalty needs params: call tx.update(g, s, params).')
-
-    def add(u, p):
-      return {**u, 's': u['s'] + weight * grad_one(p['s'])} if layers.is_svd_layer(p) else u
-
-    return jax.tree.map(add, updates, params, is_leaf=layers.is_svd_layer), state
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.stateless(update)
 
 
 def retract_factors(layer: dict[str, Array]) -> dict[str, Array]:
