@@ -53,11 +53,12 @@ def measure(source, *, threads, size: int, batch_size: int, rounds: int) -> dict
   kw = dict(mean=info['mean'], std=info['std'], image_size=size)
   n_train = data.num_train_batches(len(source), batch_size) * batch_size
   out = {'train': {}, 'eval': {}}
+  records = data.RecordSource(source)
   for t in threads:
     out['train'][t] = _rate(lambda: list(data.train_batches(
-        source, None, batch_size=batch_size, seed=0, epoch=0, workers=t, **kw)), n_train, rounds)
+        records, batch_size=batch_size, seed=0, epoch=0, workers=t, **kw)), n_train, rounds)
     out['eval'][t] = _rate(lambda: list(data.eval_batches(
-        source, None, batch_size=batch_size, workers=t, **kw)), len(source), rounds)
+        records, batch_size=batch_size, workers=t, **kw)), len(source), rounds)
   blobs = [source[i]['image'] for i in range(len(source))]
 
   def full_decode():

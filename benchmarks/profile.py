@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from benchmarks import step as bench
-from lrdfa_jax import train
+from lrdfa_jax import steps as steps_lib
 
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+([\w\-]+)\(')
 _OPNAME = re.compile(r'op_name="([^"]*)"')
@@ -68,12 +68,12 @@ def profile(config, *, method: str, fraction: float, batch_size: int, steps: int
             image_shape=(32, 32, 3), num_classes: int = 10) -> dict[str, Any]:
   """Compiles the step like :func:`benchmarks.step.benchmark`, traces it, returns op times."""
   rank = None
-  if method in train.FACTORED_METHODS:
+  if method in steps_lib.FACTORED_METHODS:
     rank = bench.rank_for_fraction(config, fraction, image_shape, num_classes)[0]
   cfg = bench.with_fields(config, dfa__method=method,
                           **({'model__rank': rank} if rank is not None else {}))
   v = bench.Variant(method, fraction if rank else None, rank, cfg)
-  mesh = train.make_mesh(1)
+  mesh = steps_lib.make_mesh(1)
   batch = bench.synthetic_batch(mesh, batch_size, image_shape, num_classes)
   dense = bench.count_params(bench.with_fields(config, dfa__method='bp'), image_shape, num_classes)
   bench.prepare_step(v, batch, mesh, image_shape, num_classes, dense, 0)
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> str:
   p = argparse.ArgumentParser(prog='python -m benchmarks.profile', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--model', default='small_conv')
-  p.add_argument('--method', default='bp', choices=train.METHODS)
+  p.add_argument('--method', default='bp', choices=steps_lib.METHODS)
   p.add_argument('--rank', type=float, default=0.25, help='target parameter fraction')
   p.add_argument('--batch_size', type=int, default=32)
   p.add_argument('--steps', type=int, default=2)

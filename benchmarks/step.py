@@ -22,7 +22,7 @@ Where the time goes: ``python -m benchmarks.profile`` (per-op times from a profi
 The committed results and what they mean: ``benchmarks/results/summary.md``.
 
 What is measured. For each (model, method, rank) the project's own jitted ``train_step`` (from
-``train.make_steps``, state donated, one device) is lowered and compiled once on a random
+``steps.make_steps``, state donated, one device) is lowered and compiled once on a random
 synthetic batch (no data loading). XLA's ``memory_analysis()`` gives argument, output, alias
 and temporary bytes; ``cost_analysis()`` gives FLOPs. After ``--warmup`` steps, the variants of
 one model run interleaved, round-robin, ``--rounds`` times ``--steps`` steps each (the starting
@@ -61,7 +61,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lrdfa_jax import layers, train
+from lrdfa_jax import build, layers, metrics as metrics_lib, steps as steps_lib
 
 DEPTH_MODELS = ('resnet20', 'resnet32', 'resnet56')
 RANK_SWEEP = (0.5, 0.25, 0.125)
@@ -113,7 +113,7 @@ def with_fields(config: ml_collections.ConfigDict, **fields: Any) -> ml_collecti
 
 def count_params(config: ml_collections.ConfigDict, image_shape, num_classes: int) -> int:
   """Trainable parameters of the model the config builds (shapes only; nothing runs)."""
-  model = train.build_model(config, num_classes)
+  model = build.build_model(config, num_classes)
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False))
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes['params'])))
@@ -223,7 +223,7 @@ class Variant:
 def synthetic_batch(mesh, batch_size: int, image_shape, num_classes: int, seed: int = 0):
   """A random normal image batch with random labels, on the mesh."""
   rng = np.random.default_rng(seed)
-  return train.shard_batch({
+  return steps_lib.shard_batch({
       'image': rng.normal(size=(batch_size, *image_shape)).astype(np.float32),
       'label': rng.integers(0, num_classes, batch_size).astype(np.int32)}, mesh)
 
@@ -231,24 +231,24 @@ def synthetic_batch(mesh, batch_size: int, image_shape, num_classes: int, seed: 
 def prepare_step(v: Variant, batch, mesh, image_shape, num_classes, dense_params, seed) -> None:
   """Builds ``v``'s state and compiles the project's jitted train step; fills ``v.record``."""
   config = v.config
-  model = train.build_model(config, num_classes)
-  tx, _ = train.build_tx(config, total_steps=1000)
-  state = train.create_train_state(config, model, tx, image_shape, num_classes,
+  model = build.build_model(config, num_classes)
+  tx, _ = build.build_tx(config, total_steps=1000)
+  state = build.create_train_state(config, model, tx, image_shape, num_classes,
                                    jax.random.key(seed))
-  cfg = train.StepConfig.from_config(config, train.tap_order(model, image_shape))
+  cfg = build.step_config(config, model, image_shape)
   state = jax.device_put(state, NamedSharding(mesh, P()))
-  train_fn = train.make_steps(cfg, mesh, state)[0]
+  train_fn = steps_lib.make_steps(cfg, mesh, state)[0]
   t0 = time.perf_counter()
   v.compiled = train_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  n_params = train.param_count(state.params)
+  n_params = metrics_lib.param_count(state.params)
   v.state = state
   v.record.update({
       'param_fraction': n_params / dense_params,
       'target_param_fraction': v.target_fraction,
       'rank': v.rank,
       'layer_ranks': (layer_ranks(jax.device_get(state.params))
-                      if v.method in train.FACTORED_METHODS else {}),
+                      if v.method in steps_lib.FACTORED_METHODS else {}),
       'trainable_params': n_params,
       'dense_params': dense_params,
       'param_bytes': tree_bytes(state.params),
@@ -271,7 +271,7 @@ def time_steps(v: Variant, batch, n: int) -> list[float]:
   return out
 
 
-def benchmark(config: ml_collections.ConfigDict, methods: Sequence[str] = train.METHODS,
+def benchmark(config: ml_collections.ConfigDict, methods: Sequence[str] = steps_lib.METHODS,
               fractions: Sequence[float] = (0.25,), *, batch_size: int = 128, steps: int = 10,
               rounds: int = 3, warmup: int = 2, rank_mode: str = 'params',
               image_shape: Sequence[int] | None = None, num_classes: int | None = None,
@@ -282,12 +282,12 @@ def benchmark(config: ml_collections.ConfigDict, methods: Sequence[str] = train.
   values (``'layer'``) for the factored methods; dense methods run once at fraction 1.
   """
   for m in methods:
-    if m not in train.METHODS:
-      raise ValueError(f'unknown method {m!r}; choose from {train.METHODS}.')
+    if m not in steps_lib.METHODS:
+      raise ValueError(f'unknown method {m!r}; choose from {steps_lib.METHODS}.')
   if rank_mode not in ('params', 'layer'):
     raise ValueError(f"rank_mode must be 'params' or 'layer', got {rank_mode!r}.")
   if image_shape is None or num_classes is None:
-    info = train._dataset_info(config)  # pylint: disable=protected-access
+    info = build.dataset_info(config)
     image_shape = tuple(image_shape or info['image_shape'])
     num_classes = num_classes or info['num_classes']
   image_shape = tuple(image_shape)
@@ -296,20 +296,20 @@ def benchmark(config: ml_collections.ConfigDict, methods: Sequence[str] = train.
   dense_params = count_params(with_fields(config, dfa__method='bp'), image_shape, num_classes)
 
   ranks = {}
-  if any(m in train.FACTORED_METHODS for m in methods):
+  if any(m in steps_lib.FACTORED_METHODS for m in methods):
     for f in fractions:
       ranks[f] = (rank_for_fraction(config, f, image_shape, num_classes)[0]
                   if rank_mode == 'params' else f)
   variants = []
   for method in sorted(methods, key=lambda m: m != 'bp'):  # bp first
-    if method not in train.FACTORED_METHODS:
+    if method not in steps_lib.FACTORED_METHODS:
       variants.append(Variant(method, None, None, with_fields(config, dfa__method=method)))
       continue
     for f in fractions:
       variants.append(Variant(method, f if rank_mode == 'params' else None, ranks[f],
                                with_fields(config, dfa__method=method, model__rank=ranks[f])))
 
-  mesh = train.make_mesh(1)
+  mesh = steps_lib.make_mesh(1)
   batch = synthetic_batch(mesh, batch_size, image_shape, num_classes, seed)
   for v in variants:
     prepare_step(v, batch, mesh, image_shape, num_classes, dense_params, seed)
@@ -349,7 +349,7 @@ def benchmark(config: ml_collections.ConfigDict, methods: Sequence[str] = train.
     }
     for key, base in (('bp', bp), ('svd_bp', svd_bp.get(
         v.target_fraction if rank_mode == 'params' else v.rank)
-        if v.method in train.FACTORED_METHODS else None)):
+        if v.method in steps_lib.FACTORED_METHODS else None)):
       if base is None:
         rec[f'ratio_to_{key}'] = None
         continue
@@ -390,7 +390,7 @@ def _x(x) -> str:
 
 
 def _fraction(r) -> str:
-  if r['method'] not in train.FACTORED_METHODS:
+  if r['method'] not in steps_lib.FACTORED_METHODS:
     return '1 (dense)'
   return f'{r["param_fraction"]:.3f} (rank {r["rank"]:g})'
 
@@ -422,7 +422,7 @@ def sweep_table(records: Sequence[dict[str, Any]]) -> str:
   lines = ['| model | params | method: step ms (×bp) | temp MiB |', '|---|---|---|---|']
   groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
   for r in records:
-    dense = r['method'] not in train.FACTORED_METHODS
+    dense = r['method'] not in steps_lib.FACTORED_METHODS
     key = (r['model'], '1 (dense)' if dense else f'{r["param_fraction"]:.3f}')
     groups.setdefault(key, []).append(r)
   for (model, frac), rs in groups.items():
@@ -495,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   p.add_argument('--models', default=None,
                  help='comma separated model names (default small_conv; depth sweep: '
                       + ','.join(DEPTH_MODELS) + ')')
-  p.add_argument('--methods', default=','.join(train.METHODS))
+  p.add_argument('--methods', default=','.join(steps_lib.METHODS))
   p.add_argument('--ranks', default=None,
                  help='comma separated; parameter fractions (--rank_mode=params) or model.rank '
                       'values (--rank_mode=layer) for svd_bp/ssa (default 0.25; rank sweep: '

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrdfa_jax import models, train
+from lrdfa_jax import build, models, steps as steps_lib
 
 CONFIGS = ('cifar10', *(f'zoo:{m},cifar10' for m in ('vgg13', 'resnet20', 'resnet32', 'resnet56',
                                                      'mobilenet_v1')),
@@ -46,15 +46,16 @@ def count(config, method: str) -> dict:
   """Trainable params and fixed-feedback entries of ``config`` under ``method`` (shapes only)."""
   c = config.copy_and_resolve_references()
   c.dfa.method = method
-  info = train._dataset_info(c)  # pylint: disable=protected-access
-  model = train.build_model(c, info['num_classes'])
+  info = build.dataset_info(c)
+  model = build.build_model(c, info['num_classes'])
   x = jnp.zeros((1, *info['image_shape']), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
   params = variables['params']
   taps = jax.eval_shape(lambda v: model.apply(v, x)[1], variables)
-  feedback = jax.eval_shape(lambda p: train.build_feedback(c, jax.random.key(1), p, taps,
+  feedback = jax.eval_shape(lambda p: build.build_feedback(c, jax.random.key(1), p, taps,
                                                            info['num_classes']), params)
-  overrides = train.parse_overrides(c.model.overrides) if method in train.FACTORED_METHODS else {}
+  factored = method in steps_lib.FACTORED_METHODS
+  overrides = build.parse_overrides(c.model.overrides) if factored else {}
   return {'params': _size(params), 'feedback': _size(feedback.groups),
           'unmatched': models.unmatched_overrides(params, overrides),
           'shape': info['image_shape'], 'classes': info['num_classes']}

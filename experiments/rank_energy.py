@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lrdfa_jax import rank, train
+from lrdfa_jax import metrics as metrics_lib, rank, train
 
 
 def energy_table(params, energies, floor: int | float = 1) -> list[dict]:
@@ -25,11 +25,11 @@ def energy_table(params, energies, floor: int | float = 1) -> list[dict]:
   trainable parameters of ``params`` after the cut."""
   current = {p: l['s'].shape[0] for p, l in rank.svd_layers(params).items()}
   rows = [{'energy': None, 'ranks': {'/'.join(p): r for p, r in current.items()},
-           'params': train.param_count(params)}]
+           'params': metrics_lib.param_count(params)}]
   for tau in energies:
     ranks = rank.choose_ranks(params, tau, floor)  # only the layers that change
     cut, _, _, _ = rank.reduce(params, None, ranks)
-    rows.append({'energy': tau, 'params': train.param_count(cut),
+    rows.append({'energy': tau, 'params': metrics_lib.param_count(cut),
                  'ranks': {'/'.join(p): ranks.get(p, r) for p, r in current.items()}})
   return rows
 

@@ -29,7 +29,8 @@ from absl import app, flags
 
 from lrdfa_jax import alignment
 from lrdfa_jax import data as data_lib
-from lrdfa_jax import losses, train
+from lrdfa_jax import build, losses, train
+from lrdfa_jax import metrics as metrics_lib, steps as steps_lib
 
 _RUN = flags.DEFINE_string('run', None, 'A finished ssa run directory.', required=True)
 _OUT = flags.DEFINE_string('json', None, 'JSON path to write (printed either way).')
@@ -39,28 +40,28 @@ def term_scales(run: str) -> dict:
   with open(os.path.join(run, 'config.json')) as f:
     config = ml_collections.ConfigDict(json.load(f))
   state = train.restore_checkpoint(config, run)
-  info = train._dataset_info(config)
-  images, labels = train.load_data(config)['train']
-  batch = next(data_lib.train_batches(images, labels, batch_size=config.train.batch_size,
-                                      seed=0, epoch=0, mean=info['mean'], std=info['std']))
+  info = build.dataset_info(config)
+  batch = next(data_lib.train_batches(build.load_data(config)['train'],
+                                      batch_size=config.train.batch_size, seed=0, epoch=0,
+                                      mean=info['mean'], std=info['std']))
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   d = config.dfa
   # the run's own update (its signal source, readouts, similarity term), without alignment
-  cfg = dataclasses.replace(train.StepConfig.from_config(config), method='ssa', align='none')
-  local, _ = train.compute_updates(cfg, state, batch)
-  bp, _ = train.compute_updates(dataclasses.replace(cfg, method='bp'), state, batch)
-  svd = train._svd_layers(state.params)  # every factored layer, nested ones included
+  cfg = dataclasses.replace(steps_lib.StepConfig.from_config(config), method='ssa', align='none')
+  local, _ = steps_lib.compute_updates(cfg, state, batch)
+  bp, _ = steps_lib.compute_updates(dataclasses.replace(cfg, method='bp'), state, batch)
+  svd = metrics_lib.svd_layers(state.params)  # every factored layer, nested ones included
   orth = jax.grad(lambda p: sum(losses.orthogonality(l['u'], l['v'])
-                                for l in train._svd_layers(p).values()))(state.params)
+                                for l in metrics_lib.svd_layers(p).values()))(state.params)
   hoyer = jax.grad(lambda p: sum(losses.hoyer(l['s'])
-                                 for l in train._svd_layers(p).values()))(state.params)
-  model = train.build_model(config, info['num_classes'])
-  channels = alignment.tap_channels(train.tap_shapes(model, info['image_shape']))
+                                 for l in metrics_lib.svd_layers(p).values()))(state.params)
+  model = build.build_model(config, info['num_classes'])
+  channels = alignment.tap_channels(build.tap_shapes(model, info['image_shape']))
   # the run's parameter term where it has one; subspace as the reference otherwise
   form = d.align if d.align in alignment.PARAM_TERMS else 'subspace'
   term = alignment.PARAM_TERMS[form]
   align = jax.grad(lambda p: term(p, state.feedback, channels=channels,
-                                  tap_order=train.tap_order(model, info['image_shape'])))(
+                                  tap_order=build.tap_order(model, info['image_shape'])))(
       state.params)
   out = {'run': run, 'step': int(state.step), 'orth_weight': d.orth_weight,
          'align_weight': d.align_weight, 'align': d.align, 'align_term': form,
@@ -69,7 +70,7 @@ def term_scales(run: str) -> dict:
   # each term's gradient, by layer path, with the weight the run gives it
   terms = {'dfa': (local, 1.0), 'bp': (bp, 1.0), 'orth': (orth, d.orth_weight),
            'align': (align, d.align_weight), 'hoyer': (hoyer, d.hoyer_weight)}
-  by_layer = {t: (train._svd_layers(g), w) for t, (g, w) in terms.items()}
+  by_layer = {t: (metrics_lib.svd_layers(g), w) for t, (g, w) in terms.items()}
   for k, layer in svd.items():
     out['layers'][k] = {f: {t: w * float(jnp.linalg.norm(g[k][f])) for t, (g, w) in by_layer.items()}
                         for f in ('u', 's', 'v')}

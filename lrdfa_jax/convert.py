@@ -61,7 +61,7 @@ def convert(module: nn.Module, *, rank: layers.Rank | None = 0.25, overrides: An
     check: whether ``init`` verifies, on its inputs, that nothing crosses a cut.
   """
   if isinstance(overrides, str):
-    from lrdfa_jax.train import parse_overrides  # the config's 'pattern:value,...' parser
+    from lrdfa_jax.build import parse_overrides  # the config's 'pattern:value,...' parser
     overrides = parse_overrides(overrides)
   layers.conv_full_rank((1, 1, 1, 1), split)  # validates split
   if not isinstance(module, nn.Module):

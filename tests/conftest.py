@@ -21,7 +21,12 @@ import jax  # noqa: E402
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
+import pathlib  # noqa: E402
+import time  # noqa: E402
+
 import pytest  # noqa: E402
+
+from lrdfa_jax import data  # noqa: E402
 
 
 @pytest.fixture(scope='session')
@@ -35,3 +40,28 @@ def imagenet_jpegs(tmp_path_factory):
   root = tmp_path_factory.mktemp('imagenet_jpegs')
   imagenet_fixture.build(str(root))
   return str(root)
+
+
+def real_root():
+  try:
+    root = data.default_offline_root()
+  except FileNotFoundError:
+    return None
+  return root if os.path.isfile(os.path.join(root, 'cifar10', 'meta.json')) else None
+
+
+def snapshot(root):
+  return {(p, p.stat().st_mtime_ns, p.stat().st_size) for p in pathlib.Path(root).rglob('*')}
+
+
+@pytest.fixture(scope='session')
+def cifar10(tmp_path_factory):
+  root = real_root()
+  if root is None:
+    pytest.skip('real CIFAR-10 not found (../shared/data/cifar10 or $LRDFA_DATA_DIR/cifar10)')
+  cache_dir = str(tmp_path_factory.mktemp('cache'))
+  before = snapshot(root)
+  start = time.perf_counter()
+  ds = data.load_offline('cifar10', root, cache_dir=cache_dir)
+  return dict(ds=ds, root=root, cache_dir=cache_dir, before=before,
+              seconds=time.perf_counter() - start)

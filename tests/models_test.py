@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from lrdfa_jax import dfa, feedback as fb, layers, models, train
+from lrdfa_jax import build, dfa, feedback as fb, layers, models
+from lrdfa_jax import metrics as metrics_lib, steps as steps_lib
 
 ZOO = ('vgg13', 'resnet20', 'resnet32', 'resnet56', 'resnet18', 'resnet50', 'mobilenet_v1')
 
@@ -162,10 +163,10 @@ def _config(name, method, kwargs):
 
 
 def _feedback(config, params, taps, seed):
-  """``train.build_feedback``'s feedback (same layout and ranks), its values drawn with numpy
+  """``build.build_feedback``'s feedback (same layout and ranks), its values drawn with numpy
   (compiling the random draws, one shape at a time, would cost more than the train step)."""
   shapes = jax.eval_shape(
-      lambda p: train.build_feedback(config, jax.random.key(0), p, taps, C), params)
+      lambda p: build.build_feedback(config, jax.random.key(0), p, taps, C), params)
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
@@ -204,35 +205,35 @@ def _block_keys(params, block):
 
 @pytest.mark.parametrize('name', sorted(COMPILED_CASES))
 def test_one_train_step_per_method_and_block_locality(name):
-  """Every method: a forward, one ``train.train_step`` (finite, moves every block and the BN
+  """Every method: a forward, one ``steps.train_step`` (finite, moves every block and the BN
   statistics), trainable-param counts. Under dfa and ssa, swapping one block's feedback
   changes that block's new params and no other block's."""
   kwargs, size = COMPILED_CASES[name]
   batch = {'image': _x(size), 'label': jnp.arange(B) % C}
   states, swapped, cfgs = {}, {}, {}
-  # dfa and ssa build the states (train.create_train_state, with a numpy init); bp and
+  # dfa and ssa build the states (build.create_train_state, with a numpy init); bp and
   # svd_bp take the same params and optimizer and never read the feedback.
   source = {'dfa': 'dfa', 'ssa': 'ssa', 'bp': 'dfa', 'svd_bp': 'ssa'}
-  for method in train.METHODS:
+  for method in steps_lib.METHODS:
     config = _config(name, method, kwargs)
-    cfgs[method] = train.StepConfig(method=method, align=config.dfa.align,
-                                    align_weight=config.dfa.align_weight)
-    if method not in train.LOCAL_METHODS:
+    cfgs[method] = steps_lib.StepConfig(method=method, align=config.dfa.align,
+                                        align_weight=config.dfa.align_weight)
+    if method not in steps_lib.LOCAL_METHODS:
       continue
-    model = train.build_model(config, C)
-    tx, _ = train.build_tx(config, 10)
+    model = build.build_model(config, C)
+    tx, _ = build.build_tx(config, 10)
     v = _variables(model, size)
     taps = jax.eval_shape(lambda v: model.apply(v, batch['image'])[1], v)  # noqa: B023
     feedback, other = (_feedback(config, v['params'], taps, seed) for seed in (1, 7))
     assert set(feedback.names) == set(taps) and 'head' not in taps
-    states[method] = _jit(lambda v, f: train.TrainState.create(  # noqa: B023
+    states[method] = _jit(lambda v, f: steps_lib.TrainState.create(  # noqa: B023
         apply_fn=model.apply, params=v['params'], tx=tx, batch_stats=v['batch_stats'],  # noqa
         feedback=f), v, feedback)
     block = SWAP.get(name, 'stage2_block0')
     swapped[method] = states[method].replace(feedback=_swap_block(feedback, other, block))
 
   def all_methods(states, batch):
-    out = {m: train.train_step(states[source[m]], batch, cfgs[m]) for m in train.METHODS}
+    out = {m: steps_lib.train_step(states[source[m]], batch, cfgs[m]) for m in steps_lib.METHODS}
     fwd = {m: states[m].apply_fn({'params': states[m].params,
                                   'batch_stats': states[m].batch_stats}, batch['image'])
            for m in states}
@@ -246,7 +247,7 @@ def test_one_train_step_per_method_and_block_locality(name):
   for m in states:
     logits, taps = fwd[m]
     assert logits.shape == (B, C) and set(taps) == set(states[m].feedback.names)
-  counts = {m: train.param_count(states[source[m]].params) for m in train.METHODS}
+  counts = {m: metrics_lib.param_count(states[source[m]].params) for m in steps_lib.METHODS}
   assert counts['bp'] == counts['dfa'] > counts['svd_bp'] == counts['ssa']
   for m, (new, metrics) in out.items():
     state = states[source[m]]
@@ -260,7 +261,7 @@ def test_one_train_step_per_method_and_block_locality(name):
   # locality: swapping one block's feedback changes every leaf of that block's update and
   # no other block's (bit for bit)
   block = SWAP.get(name, 'stage2_block0')
-  for m in train.LOCAL_METHODS:
+  for m in steps_lib.LOCAL_METHODS:
     new, new_swapped = out[m][0].params, out_swapped[m][0].params
     own = _block_keys(new, block)
     for key in new:
@@ -353,7 +354,7 @@ def test_dfa_step_computes_no_input_gradient_between_blocks():
 
 
 def test_layer_rank_patterns():
-  ov = train.parse_overrides('conv1:dense, stage3*:0.5, stage3_block0/shortcut:dense, '
+  ov = build.parse_overrides('conv1:dense, stage3*:0.5, stage3_block0/shortcut:dense, '
                              'stage*/conv2:8, head:dense')
   assert ov == {'conv1': 'dense', 'stage3*': 0.5, 'stage3_block0/shortcut': 'dense',
                 'stage*/conv2': 8, 'head': 'dense'}
@@ -423,10 +424,10 @@ def test_zoo_config_builds_every_model_and_dataset_and_refuses_bad_pairs():
       c = zoo.get_config(f'{model_name},{dataset}{arg}')
       assert c.model.name == model_name and c.data.name == dataset
       assert (c.data.source == 'synthetic') == (arg == ',smoke')
-      train.check_config(c, 1)
+      build.check_config(c, 1)
     c.dfa.method = 'ssa'  # the factored model; layer names do not depend on the input size
-    params = _init(train.build_model(c, train._dataset_info(c)['num_classes']), 32)['params']
-    assert models.unmatched_overrides(params, train.parse_overrides(c.model.overrides)) == []
+    params = _init(build.build_model(c, build.dataset_info(c)['num_classes']), 32)['params']
+    assert models.unmatched_overrides(params, build.parse_overrides(c.model.overrides)) == []
     assert any(layers.is_svd_layer(l) for l in models.layer_paths(params).values())
   for bad, reason in (('resnet21,cifar10', 'MODEL,DATASET'), ('resnet20', 'MODEL,DATASET'),
                       ('resnet18,cifar10', 'resnet18 is built for imagenet2012'),

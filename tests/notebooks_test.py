@@ -25,7 +25,7 @@ CASES = {
         "assert summaries['ssa']['trainable_params'] < summaries['bp']['trainable_params']"),
     'your_model.ipynb': (
         "STEPS = 12\nBATCH = 32\nSOURCE = 'synthetic'\nEVAL_EVERY = 6",
-        "assert lt.param_count(variables['params']) < lt.param_count(dense_vars['params'])\n"
+        "assert metrics.param_count(variables['params']) < metrics.param_count(dense_vars['params'])\n"
         "assert [h['step'] for h in history] == [0, 6, 11]\n"
         "names = set(history[0]) - {'step', 'accuracy'}\n"
         "assert {'Conv_1', 'Dense_0', 'Dense_1', 'BatchNorm_1'} <= names, names\n"

@@ -70,6 +70,9 @@ def test_variant_labels():
   assert report.variant(s) == 'ssa + local error + sim'
   s['config']['dfa'].update(learn_feedback='local')
   assert report.variant(s) == 'ssa + local error + sim + learned readout'
+  s['config']['dfa'].update(readout_dim=2048)
+  assert report.variant(s) == 'ssa + local error (readout ≤ 2048) + sim + learned readout'
+  s['config']['dfa'].update(readout_dim=512)
   s['config']['dfa'].update(learn_feedback='none')
   s['config']['model'].update(kwargs={'norm': 'batch'}, act='leaky_relu')
   assert report.variant(s) == 'ssa + local error + sim (BN, leaky_relu)'
@@ -118,6 +121,11 @@ def test_protocol_variants_share_one_pipeline():
     c = protocol.config_for(name, 0, 10)
     assert c.dfa.signal == 'local' and c.dfa.method == name.split('_')[0], name
   assert protocol.config_for('ssa_local_sim', 0, 10).dfa.sim_weight == 0.99
+  wide = protocol.config_for('ssa_local_pred_wide_bn', 0, 10)
+  assert wide.dfa.readout_dim == protocol.WIDE_READOUT and wide.dfa.learn_feedback == 'local'
+  assert protocol.config_differences(json.loads(wide.to_json()), json.loads(
+      protocol.config_for('ssa_local_pred_bn', 0, 10).to_json())) == [
+          f'dfa.readout_dim: {protocol.WIDE_READOUT} there, 512 now']
   assert protocol.config_for('ssa_mixed', 0, 10).dfa.signal == 'mixed'
 
 

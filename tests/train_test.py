@@ -12,7 +12,7 @@ import pytest
 from configs import default
 from lrdfa_jax import alignment
 from lrdfa_jax import data as data_lib
-from lrdfa_jax import dfa, train, writers
+from lrdfa_jax import build, metrics as metrics_lib, steps as steps_lib, train, writers
 
 
 def tiny_config(method='ssa', **overrides):
@@ -35,15 +35,11 @@ def tiny_config(method='ssa', **overrides):
 
 
 def _setup(config, num_devices=1):
-  info = train._dataset_info(config)
-  model = train.build_model(config, info['num_classes'])
-  tx, _ = train.build_tx(config, 1000)
-  state = train.create_train_state(config, model, tx, info['image_shape'], info['num_classes'],
-                                   jax.random.key(0))
-  cfg = train.StepConfig.from_config(config)
-  mesh = train.make_mesh(num_devices)
-  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  return state, train.make_steps(cfg, mesh, state), mesh, info
+  run = build.setup(config, steps_per_epoch=500, num_devices=num_devices)  # 1,000-step schedule
+  mesh = steps_lib.make_mesh(num_devices)
+  state = jax.device_put(run.state,
+                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return state, steps_lib.make_steps(run.step_cfg, mesh, state), mesh, run.info
 
 
 @pytest.mark.parametrize('model', ['mlp', 'small_conv'])
@@ -55,12 +51,13 @@ def test_tiny_training_loop_drives_loss_down(method, model):
                          {'widths': (8, 16, 16), 'hidden': 32})
   state, (train_fn, _, _), mesh, info = _setup(config)
   feedback0 = jax.tree.map(np.asarray, state.feedback)
-  images, labels = data_lib.synthetic(num_train=256, image_shape=(8, 8, 3), num_classes=4)['train']
+  source = data_lib.ArraySource(*data_lib.synthetic(num_train=256, image_shape=(8, 8, 3),
+                                                     num_classes=4)['train'])
   losses = []
   for epoch in range(40):  # 320 steps
-    for batch in data_lib.train_batches(images, labels, batch_size=32, seed=0, epoch=epoch,
+    for batch in data_lib.train_batches(source, batch_size=32, seed=0, epoch=epoch,
                                         augment=False, mean=info['mean'], std=info['std']):
-      state, m = train_fn(state, train.shard_batch(batch, mesh))
+      state, m = train_fn(state, steps_lib.shard_batch(batch, mesh))
       losses.append(float(m['loss']))
   first, last = np.mean(losses[:8]), np.mean(losses[-8:])
   assert last < 0.5 * first, (method, model, first, last)
@@ -82,12 +79,13 @@ def test_local_signal_training_drives_loss_down(method, signal, norm):
   assert state.feedback.block('conv1')['p'].shape[0] == 2 * 2 * 8  # 4x4 tap pooled to 2x2
   assert bool(state.batch_stats) == (norm == 'batch')
   stats0 = jax.tree.map(np.asarray, state.batch_stats)
-  images, labels = data_lib.synthetic(num_train=256, image_shape=(8, 8, 3), num_classes=4)['train']
+  source = data_lib.ArraySource(*data_lib.synthetic(num_train=256, image_shape=(8, 8, 3),
+                                                     num_classes=4)['train'])
   losses, local = [], []
   for epoch in range(25):
-    for batch in data_lib.train_batches(images, labels, batch_size=32, seed=0, epoch=epoch,
+    for batch in data_lib.train_batches(source, batch_size=32, seed=0, epoch=epoch,
                                         augment=False, mean=info['mean'], std=info['std']):
-      state, m = train_fn(state, train.shard_batch(batch, mesh))
+      state, m = train_fn(state, steps_lib.shard_batch(batch, mesh))
       losses.append(float(m['loss']))
       local.append(float(m['local_loss']))
   assert np.mean(losses[-8:]) < 0.5 * np.mean(losses[:8])
@@ -100,14 +98,14 @@ def test_local_signal_training_drives_loss_down(method, signal, norm):
 def test_sharded_step_equals_single_device():
   assert jax.device_count() == 4
   config = tiny_config('ssa')
-  batch = next(data_lib.train_batches(*data_lib.synthetic(num_train=64, image_shape=(8, 8, 3),
-                                                          num_classes=4)['train'],
-                                      batch_size=32, seed=0, epoch=0, mean=(0.5,) * 3,
+  source = data_lib.load('synthetic', '', num_train=64, image_shape=(8, 8, 3),
+                         num_classes=4)['train']
+  batch = next(data_lib.train_batches(source, batch_size=32, seed=0, epoch=0, mean=(0.5,) * 3,
                                       std=(0.25,) * 3))
   out = {}
   for n in (1, 4):
     state, (train_fn, eval_fn, angle_fn), mesh, _ = _setup(config, n)
-    b = train.shard_batch(batch, mesh)
+    b = steps_lib.shard_batch(batch, mesh)
     assert len(b['image'].sharding.device_set) == n
     for _ in range(2):
       state, m = train_fn(state, b)
@@ -178,15 +176,15 @@ def test_imagenet_config_on_real_jpegs_resumes_mid_epoch(tmp_path, imagenet_jpeg
   metrics = [json.loads(line) for line in open(os.path.join(a, 'metrics.jsonl'))]
   assert any('test/top5' in m for m in metrics) and any('validation/accuracy' in m for m in metrics)
   with pytest.raises(train.ConfigError, match='image_size applies to'):
-    train._dataset_info(tiny_config(data__source='offline', data__image_size=64))
+    build.dataset_info(tiny_config(data__source='offline', data__image_size=64))
 
 
 def test_tap_order_is_forward_order():
-  small = train.build_model(tiny_config(), 4)
-  assert train.tap_order(small, (8, 8, 3)) == ('conv1', 'conv2', 'conv3', 'fc1')
+  small = build.build_model(tiny_config(), 4)
+  assert build.tap_order(small, (8, 8, 3)) == ('conv1', 'conv2', 'conv3', 'fc1')
   c = tiny_config()
   c.model.name, c.model.kwargs = 'vgg13', ml_collections.ConfigDict()
-  order = train.tap_order(train.build_model(c, 4), (32, 32, 3))
+  order = build.tap_order(build.build_model(c, 4), (32, 32, 3))
   assert order == tuple(f'conv{i}' for i in range(1, 11))  # sorted would put conv10 2nd
   run = train.train_and_evaluate(tiny_config(dfa__align='next', dfa__align_weight=1.0,
                                              train__epochs=1))
@@ -327,13 +325,13 @@ def test_integer_rank_one_is_rank_one_and_full_rank_is_asked_for_by_name():
   ranks = {}
   for rank, overrides in ((1.0, ''), (2.0, ''), (0.5, '*:full')):
     c = tiny_config(model__rank=rank, model__overrides=overrides)
-    params = train.build_model(c, 4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']
-    ranks[rank] = {n: l['s'].shape[0] for n, l in train._svd_layers(params).items()}
+    params = build.build_model(c, 4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']
+    ranks[rank] = {n: l['s'].shape[0] for n, l in metrics_lib.svd_layers(params).items()}
   assert set(ranks[1.0].values()) == {1} and set(ranks[2.0].values()) == {2}
   assert ranks[0.5]['head'] == 4 and ranks[0.5]['fc1'] == 8  # min(in, out): 8 features in
   # a reduced model's ranks win over any earlier pattern of model.overrides
   c = tiny_config(model__rank=0.5, model__overrides='fc1:3,*:2')
-  model = train.build_model(c, 4, rank_overrides='fc1:1')
+  model = build.build_model(c, 4, rank_overrides='fc1:1')
   params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))['params']
   assert params['fc1']['s'].shape == (1,) and params['conv2']['s'].shape == (2,)
 
@@ -357,8 +355,8 @@ def test_small_conv_taps_before_or_after_the_pool():
   for tap in ('pooled', 'conv'):
     config = tiny_config('ssa', dfa__delivery='full')
     config.model.kwargs.tap = tap
-    info = train._dataset_info(config)
-    model = train.build_model(config, info['num_classes'])
+    info = build.dataset_info(config)
+    model = build.build_model(config, info['num_classes'])
     x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 8, 8, 3)), jnp.float32)
     variables = model.init(jax.random.key(0), x)
     outs[tap], taps = model.apply(variables, x)
@@ -367,7 +365,7 @@ def test_small_conv_taps_before_or_after_the_pool():
     state, (train_fn, _, _), mesh, _ = _setup(config)
     batch = {'image': np.asarray(x), 'label': np.arange(4) % 4}
     before = jax.tree.map(np.asarray, state.params['conv1'])  # the step donates the state
-    new, m = train_fn(state, train.shard_batch(batch, mesh))
+    new, m = train_fn(state, steps_lib.shard_batch(batch, mesh))
     assert np.isfinite(float(m['loss']))
     grads[tap] = jax.tree.map(lambda a, b: np.asarray(a) - b, new.params['conv1'], before)
   np.testing.assert_allclose(outs['pooled'], outs['conv'], rtol=1e-6)
@@ -376,7 +374,7 @@ def test_small_conv_taps_before_or_after_the_pool():
   config = tiny_config('ssa')
   config.model.kwargs.tap = 'middle'
   with pytest.raises(ValueError, match="tap must be 'pooled' or 'conv'"):
-    train.build_model(config, 4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    build.build_model(config, 4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
 
 
 def test_subspace_alignment_blocks_follow_the_delivery(tmp_path, caplog):
@@ -414,8 +412,8 @@ def test_learned_feedback_trains_and_resumes_bit_identically(tmp_path, learn, si
   sa, sb = (train.restore_checkpoint(tiny_config(**kw), d) for d in (a, b))
   jax.tree.map(np.testing.assert_array_equal, (sa.params, sa.feedback, sa.feedback_opt_state),
                (sb.params, sb.feedback, sb.feedback_opt_state))
-  fresh = train.create_train_state(tiny_config(**kw), train.build_model(tiny_config(**kw), 4),
-                                   train.build_tx(tiny_config(**kw), 1)[0], (8, 8, 3), 4,
+  fresh = build.create_train_state(tiny_config(**kw), build.build_model(tiny_config(**kw), 4),
+                                   build.build_tx(tiny_config(**kw), 1)[0], (8, 8, 3), 4,
                                    jax.random.key(0))
   moved = jax.tree.map(lambda x, y: not np.allclose(x, y), fresh.feedback, sa.feedback)
   assert all(jax.tree.leaves(moved))  # every factor of every block's feedback learned

@@ -105,7 +105,7 @@ def build(data_dir: str, *, train_per_class: int = 4, val_per_class: int = 2,
     def _generate_examples(self, split, per_class):
       yield from examples(split, per_class)
 
-  from lrdfa_jax.data import _quiet_absl
+  from lrdfa_jax.data.sources import _quiet_absl
   tfds.disable_progress_bar()
   with _quiet_absl():
     builder = Imagenet2012(data_dir=data_dir, file_format='array_record')

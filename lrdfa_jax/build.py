@@ -1,0 +1,306 @@
+"""From a config to what a run trains: validation, data, model, feedback, optimizer, state.
+
+Only this module and :mod:`lrdfa_jax.train` read the ConfigDict; the library below takes
+explicit arguments. :func:`setup` is the one sequence every caller uses (the training loop,
+``restore_checkpoint``, the benchmarks, the tests): it validates and builds, and writes nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from lrdfa_jax import alignment
+from lrdfa_jax import data as data_lib
+from lrdfa_jax import dfa, feedback as fb, layers, models, optim, signals
+from lrdfa_jax.steps import FACTORED_METHODS, LOCAL_METHODS, METHODS, StepConfig, TrainState
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message says what to change."""
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Fails fast, before anything is loaded or written."""
+  method = config.dfa.method
+  if method not in METHODS:
+    raise ConfigError(f'unknown dfa.method {method!r}; choose one of {", ".join(METHODS)}.')
+  if config.model.name not in models.MODELS:
+    raise ConfigError(f'unknown model.name {config.model.name!r}; choose one of '
+                      f'{", ".join(sorted(models.MODELS))}.')
+  if config.data.source not in data_lib.SOURCES:
+    raise ConfigError(f'unknown data.source {config.data.source!r}; choose one of '
+                      f'{", ".join(data_lib.SOURCES)}.')
+  bs = config.train.batch_size
+  if bs <= 0:
+    raise ConfigError(f'train.batch_size={bs}: give a positive batch size (e.g. 128).')
+  if bs % num_devices:
+    raise ConfigError(f'train.batch_size={bs} is not divisible by the {num_devices} devices; '
+                      f'use a multiple of {num_devices}.')
+  if config.train.epochs < 1:
+    raise ConfigError(f'train.epochs={config.train.epochs}: give at least 1 epoch '
+                      '(train.stop_after_steps ends a run early).')
+  if not config.opt.lr > 0:
+    raise ConfigError(f'opt.lr={config.opt.lr}: the learning rate must be positive '
+                      '(e.g. 1e-3).')
+  r = config.get('rank')
+  if r is not None and r.epochs:
+    if method not in FACTORED_METHODS:
+      raise ConfigError(f'rank.epochs reduces factored layers: it applies to '
+                        f'{", ".join(FACTORED_METHODS)}, not {method}. Leave it ().')
+    if any(int(e) != e or not 1 <= e <= config.train.epochs for e in r.epochs):
+      raise ConfigError(f'rank.epochs={tuple(r.epochs)}: give epochs in [1, '
+                        f'{config.train.epochs}] after which to reduce, e.g. (3, 6).')
+    if not 0.0 < r.energy <= 1.0:
+      raise ConfigError(f'rank.energy={r.energy}: the share of Σ s² to keep lies in (0, 1].')
+    if not (r.floor >= 1 and float(r.floor).is_integer()) and not 0.0 < r.floor < 1.0:
+      raise ConfigError(f'rank.floor={r.floor}: an int rank >= 1 or a fraction in (0, 1).')
+  if config.train.get('max_loss', 0.0) < 0:
+    raise ConfigError('train.max_loss must be >= 0 (0: 20 × the chance loss ln(classes)).')
+  if config.dfa.align not in dfa.ALIGNMENTS:
+    raise ConfigError(f'unknown dfa.align {config.dfa.align!r}; choose one of {dfa.ALIGNMENTS}.')
+  d = config.dfa
+  if d.get('signal', 'global') not in signals.SIGNALS:
+    raise ConfigError(f'unknown dfa.signal {d.signal!r}; choose one of {signals.SIGNALS}.')
+  if d.get('readout_basis', 'sinusoidal') not in signals.BASES:
+    raise ConfigError(f'unknown dfa.readout_basis {d.readout_basis!r}; choose one of '
+                      f'{signals.BASES}.')
+  if not 0.0 <= d.get('signal_mix', 0.5) <= 1.0 or not 0.0 <= d.get('sim_weight', 0.0) <= 1.0:
+    raise ConfigError('dfa.signal_mix and dfa.sim_weight are shares: give values in [0, 1].')
+  learn = d.get('learn_feedback', 'none')
+  if learn not in dfa.LEARN_FEEDBACK:
+    raise ConfigError(f'unknown dfa.learn_feedback {learn!r}; choose one of {dfa.LEARN_FEEDBACK}.')
+  if method in LOCAL_METHODS and learn != 'none' and \
+      (learn == 'global') != (d.get('signal', 'global') == 'global'):
+    raise ConfigError(f"dfa.learn_feedback={learn!r} needs dfa.signal="
+                      f"{'global' if learn == 'global' else 'local or mixed'}.")
+  if d.get('readout_temperature', 0.5) <= 0:
+    raise ConfigError('dfa.readout_temperature must be positive (LLS uses 0.5).')
+  dataset_info(config)  # data.name, data.image_size
+
+
+def dataset_info(config) -> dict[str, Any]:
+  """``num_classes``, ``image_shape`` (after ``data.image_size``), ``mean`` and ``std``."""
+  d = config.data
+  if d.source == 'synthetic':
+    s = d.synthetic
+    return dict(num_classes=s.num_classes, image_shape=tuple(s.image_shape), mean=(0.5,) * 3,
+                std=(0.25,) * 3)
+  if d.name not in data_lib.DATASETS:
+    raise ConfigError(f'unknown data.name {d.name!r}; choose one of '
+                      f'{", ".join(sorted(data_lib.DATASETS))}.')
+  spec = data_lib.DATASETS[d.name]
+  info = {k: v for k, v in spec.items() if k != 'resized'}
+  if d.get('image_size'):
+    if not spec.get('resized'):
+      resized = [n for n, i in data_lib.DATASETS.items() if i.get('resized')]
+      raise ConfigError(f'data.image_size applies to {", ".join(resized)} (images are '
+                        f'resized there); {d.name} keeps {info["image_shape"][:2]}. Leave it 0.')
+    info['image_shape'] = (d.image_size, d.image_size, 3)
+  return info
+
+
+def load_data(config) -> dict[str, data_lib.ArraySource | data_lib.RecordSource]:
+  """The train and test sources (:func:`lrdfa_jax.data.load`), plus a ``'validation'``
+  slice held out of train when ``data.validation_size`` asks for one (a fixed split,
+  independent of the seed)."""
+  d = config.data
+  extra = dict(d.synthetic.to_dict()) if d.source == 'synthetic' else {}
+  if 'image_shape' in extra:
+    extra['image_shape'] = tuple(extra['image_shape'])
+  splits = data_lib.load(d.source, d.name, data_dir=d.data_dir, cache_dir=d.cache_dir, **extra)
+  if d.validation_size:
+    train = splits['train']
+    if d.validation_size >= len(train):
+      raise ConfigError(f'data.validation_size={d.validation_size} leaves no training images '
+                        f'out of {len(train)}.')
+    order = np.random.default_rng(0).permutation(len(train))  # fixed split, seed-independent
+    val, keep = order[:d.validation_size], np.sort(order[d.validation_size:])
+    # arrays keep the permuted order; records are read in file order (locality)
+    splits['train'] = train.subset(keep)
+    splits['validation'] = train.subset(val if train.decoded else np.sort(val))
+  return splits
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int, rank_overrides: str = ''):
+  """Dense model for ``bp``/``dfa``; SVD layers at ``model.rank`` for ``svd_bp``/``ssa``.
+
+  ``rank_overrides`` (``'conv2:12,fc1:30'``, after ``model.overrides``, so they win): the
+  per-layer ranks of a model reduced during training (:mod:`lrdfa_jax.rank`).
+  """
+  m = config.model
+  rank = m.rank if config.dfa.method in FACTORED_METHODS else None
+  overrides = None
+  if rank is not None:
+    overrides = parse_overrides(m.overrides)
+    for name, r in parse_overrides(rank_overrides).items():
+      overrides.pop(name, None)  # re-inserted last: the last matching pattern wins
+      overrides[name] = r
+  return models.build_model(m.name, num_classes=num_classes, rank=rank, overrides=overrides,
+                            split=m.split, act=m.act, **m.kwargs.to_dict())
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+  """``'conv1:dense,fc1:0.5,head:10,x:full'`` -> ``{'conv1': 'dense', 'fc1': 0.5, 'head': 10,
+  'x': 'full'}``."""
+  out: dict[str, Any] = {}
+  for item in filter(None, (t.strip() for t in text.split(','))):
+    name, sep, value = item.partition(':')
+    if not sep:
+      raise ConfigError(f'model.overrides item {item!r} must look like layer:rank, '
+                        'layer:full or layer:dense.')
+    value = value.strip()
+    if value in ('dense', 'full'):
+      out[name.strip()] = value
+    else:
+      try:
+        out[name.strip()] = float(value) if '.' in value else int(value)
+      except ValueError:
+        raise ConfigError(f'model.overrides: {value!r} for {name!r} is neither a rank nor '
+                          "'full' nor 'dense'.") from None
+  return out
+
+
+def build_feedback(config, key, params, tap_shapes, num_classes) -> fb.Feedback:
+  """Structured feedback for ``ssa``, dense random for ``dfa``; none for backprop."""
+  d = config.dfa
+  if d.method not in LOCAL_METHODS:
+    return fb.Feedback(groups={}, index=())
+  kind = d.feedback if d.feedback != 'auto' else ('structured' if d.method == 'ssa' else 'dense')
+  ranks = {}
+  for name in tap_shapes:
+    layer = models.output_layer(params, name)  # the layer that writes the tap
+    k = layer['s'].shape[0] if layers.is_svd_layer(layer) else num_classes
+    ranks[name] = min(k, d.feedback_rank) if d.feedback_rank else k
+  if d.get('signal', 'global') != 'global':  # the fixed local readouts are the feedback
+    return signals.init_readout(key, signals.readout_widths(tap_shapes, d.readout_dim),
+                                num_classes, basis=d.readout_basis, ranks=ranks,
+                                scale=d.feedback_scale)
+  return fb.init_feedback(key, dfa.tap_widths(tap_shapes, d.delivery), num_classes, kind=kind,
+                          ranks=ranks, scale=d.feedback_scale)
+
+
+def tap_shapes(model, image_shape) -> dict[str, jax.ShapeDtypeStruct]:
+  """The model's taps as shapes (batch 1), in forward order (pytrees sort dict keys; this does not)."""
+  order: dict[str, Any] = {}
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+
+  def taps(x):
+    variables = model.init(jax.random.key(0), x, train=False)
+    out = model.apply(variables, x, train=False)[1]
+    order.update((n, None) for n in out)  # recorded while tracing, before the output is flattened
+    return out
+  shapes = jax.eval_shape(taps, x)
+  return {n: shapes[n] for n in order}
+
+
+def tap_order(model, image_shape) -> tuple[str, ...]:
+  """The model's tap names in forward order."""
+  return tuple(tap_shapes(model, image_shape))
+
+
+def build_feedback_tx(config, steps_per_epoch: int = 1) -> optax.GradientTransformation | None:
+  """The optax chain of learned feedback (``dfa.learn_feedback``), None when it is fixed.
+
+  AdamW at ``dfa.feedback_lr`` with decoupled weight decay ``dfa.feedback_weight_decay``,
+  the rate multiplied by ``dfa.feedback_lr_decay`` after every epoch (DKP's recipe:
+  1e-4, 1e-6, 0.8).
+  """
+  d = config.dfa
+  if d.method not in LOCAL_METHODS or d.get('learn_feedback', 'none') == 'none':
+    return None
+  lr = optax.exponential_decay(d.feedback_lr, transition_steps=max(steps_per_epoch, 1),
+                               decay_rate=d.feedback_lr_decay, staircase=True)
+  return optax.adamw(lr, weight_decay=d.feedback_weight_decay)
+
+
+def create_train_state(config, model, tx, image_shape, num_classes, key,
+                       steps_per_epoch: int = 1) -> TrainState:
+  """A fresh state; ``steps_per_epoch`` sets learned feedback's per-epoch decay only."""
+  k_init, k_fb = jax.random.split(key)
+  x = jnp.zeros((1, *image_shape), jnp.float32)
+  variables = model.init(k_init, x, train=False)
+  params = variables['params']
+  shapes = jax.eval_shape(lambda v: model.apply(v, x, train=False)[1], variables)
+  feedback = build_feedback(config, k_fb, params, shapes, num_classes)
+  feedback_tx = build_feedback_tx(config, steps_per_epoch)
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                           batch_stats=variables.get('batch_stats'), feedback=feedback,
+                           feedback_tx=feedback_tx,
+                           feedback_opt_state=feedback_tx.init(feedback) if feedback_tx else None)
+
+
+def build_tx(config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optax chain of the config and its learning-rate schedule."""
+  o = config.opt
+  schedule = optim.make_schedule(o.lr, total_steps, kind=o.schedule,
+                                 warmup_steps=int(o.warmup_steps))
+  factored = config.dfa.method in FACTORED_METHODS
+  return optim.build_optimizer(learning_rate=schedule, optimizer=o.name, b1=o.b1, b2=o.b2,
+                               momentum=o.momentum, weight_decay=o.weight_decay,
+                               orth_weight=config.dfa.orth_weight if factored else 0.0,
+                               hoyer_weight=config.dfa.hoyer_weight if factored else 0.0,
+                               retract=o.retract_every,
+                               clip_norm=o.clip_norm), schedule
+
+
+
+def step_config(config: ml_collections.ConfigDict, model, image_shape) -> StepConfig:
+  """The run's :class:`StepConfig`, with the model's tap order when ``dfa.align='next'``."""
+  order = tap_order(model, image_shape) if config.dfa.align == 'next' else ()
+  return StepConfig.from_config(config, order)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A run's parts, built from its config by :func:`setup`."""
+  info: dict[str, Any]             # dataset_info: num_classes, image_shape, mean, std
+  model: Any                       # the Flax module (SVD layers for the factored methods)
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  state: TrainState                # fresh (seed train.seed), on the host
+  step_cfg: StepConfig
+  steps_per_epoch: int
+  total_steps: int
+  aligned: list[str] | None = None  # the blocks the subspace term acts on (None: no such term)
+  notice: str = ''                 # a sentence on the factored blocks it skips, if any
+
+
+def setup(config: ml_collections.ConfigDict, *, steps_per_epoch: int = 1, num_devices: int = 1,
+          rank_overrides: str = '') -> Setup:
+  """Validates ``config`` and builds its run; loads no data and writes nothing.
+
+  ``steps_per_epoch`` shapes the learning-rate schedule (``train.epochs × steps_per_epoch``
+  steps) and the per-epoch decay of learned feedback, not the state's structure: a restore
+  can leave it at 1. ``rank_overrides``: the ranks of a run reduced during training
+  (:func:`build_model`).
+  """
+  check_config(config, num_devices)
+  info = dataset_info(config)
+  total_steps = config.train.epochs * steps_per_epoch
+  model = build_model(config, info['num_classes'], rank_overrides)
+  tx, schedule = build_tx(config, total_steps)
+  state = create_train_state(config, model, tx, info['image_shape'], info['num_classes'],
+                             jax.random.key(config.train.seed), steps_per_epoch)
+  d = config.dfa
+  if d.method in FACTORED_METHODS:
+    unmatched = models.unmatched_overrides(state.params, parse_overrides(config.model.overrides))
+    if unmatched:
+      raise ConfigError(f'model.overrides {unmatched} match no layer of {config.model.name}; '
+                        f'its layers are {list(models.layer_paths(state.params))}.')
+  cfg = step_config(config, model, info['image_shape'])
+  aligned, notice = None, ''
+  if cfg.method in LOCAL_METHODS and cfg.method in FACTORED_METHODS and cfg.align_weight \
+      and cfg.align in ('subspace', 'channel_subspace'):
+    channels = (alignment.tap_channels(tap_shapes(model, info['image_shape']))
+                if cfg.align == 'channel_subspace' else None)
+    aligned, notice = alignment.coverage(
+        state.params, state.feedback, cfg.align, channels=channels,
+        dense_feedback=d.feedback == 'dense', signal=cfg.signal, delivery=d.delivery)
+  return Setup(info=info, model=model, tx=tx, schedule=schedule, state=state, step_cfg=cfg,
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps, aligned=aligned,
+               notice=notice)

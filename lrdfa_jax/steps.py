@@ -1,0 +1,170 @@
+"""The pure training steps: ``TrainState``, ``StepConfig`` and the jitted train/eval/angle steps.
+
+``train_step`` is pure, jitted once with the state donated (:func:`make_steps`), and runs data
+parallel over a ``('data',)`` mesh of all devices (params replicated, batch sharded). Nothing
+here reads a ConfigDict but :meth:`StepConfig.from_config`; :mod:`lrdfa_jax.build` makes the
+state, :mod:`lrdfa_jax.train` runs the loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lrdfa_jax import dfa, feedback as fb
+
+METHODS = ('bp', 'svd_bp', 'dfa', 'ssa')
+LOCAL_METHODS = ('dfa', 'ssa')
+FACTORED_METHODS = ('svd_bp', 'ssa')
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state, BatchNorm statistics and the feedback, in one pytree.
+
+  The feedback is fixed unless ``dfa.learn_feedback`` is set: then ``feedback_tx`` (its own
+  optax chain) updates it from ``feedback_opt_state``, both checkpointed with the rest.
+  """
+  batch_stats: Any = None
+  feedback: fb.Feedback | None = None
+  feedback_tx: optax.GradientTransformation | None = flax.struct.field(pytree_node=False,
+                                                                       default=None)
+  feedback_opt_state: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """The static part of a step (hashable: one jit per run)."""
+  method: str
+  align: str = 'none'
+  align_weight: float = 0.0
+  tap_order: tuple[str, ...] = ()  # forward order of the taps (align='next')
+  signal: str = 'global'           # global | local | mixed (lrdfa_jax.signals)
+  signal_mix: float = 0.5
+  readout_norm: bool = True
+  readout_temperature: float = 0.5
+  sim_weight: float = 0.0
+  learn_feedback: str = 'none'     # none | local (learned readouts) | global (DKP)
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict,
+                  tap_order: tuple[str, ...] = ()) -> 'StepConfig':
+    """The step of ``config`` (``tap_order``: the model's taps in forward order, for
+    ``align='next'``)."""
+    d = config.dfa
+    return cls(method=d.method, align=d.align, align_weight=float(d.align_weight),
+               tap_order=tuple(tap_order) if d.align == 'next' else (),
+               signal=d.get('signal', 'global'), signal_mix=float(d.get('signal_mix', 0.5)),
+               readout_norm=bool(d.get('readout_norm', True)),
+               readout_temperature=float(d.get('readout_temperature', 0.5)),
+               sim_weight=float(d.get('sim_weight', 0.0)),
+               learn_feedback=(d.get('learn_feedback', 'none') if d.method in LOCAL_METHODS
+                               else 'none'))
+
+
+
+def _variables(state: TrainState, params: Any) -> dict[str, Any]:
+  v = {'params': params}
+  if state.batch_stats:
+    v['batch_stats'] = state.batch_stats
+  return v
+
+
+def compute_updates(cfg: StepConfig, state: TrainState, batch: dict[str, Any]):
+  """``(updates, aux)`` of the configured method: local (DFA/SSA) or backprop."""
+  local = cfg.method in LOCAL_METHODS
+
+  def forward(params):
+    variables = _variables(state, params)
+    if state.batch_stats:
+      out, mutated = state.apply_fn(variables, batch['image'], train=True, local=local,
+                                    mutable=['batch_stats'])
+      return out, mutated['batch_stats']
+    return state.apply_fn(variables, batch['image'], train=True, local=local), state.batch_stats
+
+  if local:
+    grads, aux = dfa.local_grads(forward, state.params, state.feedback, batch['label'],
+                                 align=cfg.align, align_weight=cfg.align_weight,
+                                 tap_order=cfg.tap_order, signal=cfg.signal,
+                                 signal_mix=cfg.signal_mix, readout_norm=cfg.readout_norm,
+                                 readout_temperature=cfg.readout_temperature,
+                                 sim_weight=cfg.sim_weight,
+                                 learn_feedback=cfg.learn_feedback)
+  else:
+    grads, aux = dfa.bp_grads(forward, state.params, batch['label'])
+  return grads, aux
+
+
+def train_step(state: TrainState, batch: dict[str, Any], cfg: StepConfig):
+  """One update; pure. Returns ``(new_state, metrics)``."""
+  grads, aux = compute_updates(cfg, state, batch)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            batch_stats=aux['extra'])
+  if aux.get('feedback_grads') is not None:
+    f_updates, f_opt_state = state.feedback_tx.update(aux['feedback_grads'],
+                                                      state.feedback_opt_state, state.feedback)
+    new_state = new_state.replace(feedback=optax.apply_updates(state.feedback, f_updates),
+                                  feedback_opt_state=f_opt_state)
+  metrics = {
+      'loss': aux['loss'],
+      'accuracy': 100.0 * jnp.mean(jnp.argmax(aux['logits'], -1) == batch['label']),  # %
+      'update_norm': optax.global_norm(grads),
+      'align_loss': aux['align_loss'],
+      'local_loss': aux['local_loss'],
+  }
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, Any]) -> dict[str, jax.Array]:
+  """Sums over the real (``mask``) examples: loss, top-1 and top-5 hits, count."""
+  logits, _ = state.apply_fn(_variables(state, state.params), batch['image'], train=False)
+  mask = batch['mask']
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
+  k = min(5, logits.shape[-1])
+  topk = jax.lax.top_k(logits, k)[1]
+  return {
+      'loss_sum': jnp.sum(ce * mask),
+      'top1_sum': jnp.sum((topk[:, 0] == batch['label']) * mask),
+      'top5_sum': jnp.sum(jnp.any(topk == batch['label'][:, None], -1) * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+def angle_step(cfg: StepConfig, state: TrainState, batch: dict[str, Any]) -> dict[str, jax.Array]:
+  """Per-layer angle (degrees) between the method's update and the true BP gradient."""
+  local, _ = compute_updates(cfg, state, batch)
+  bp, _ = compute_updates(dataclasses.replace(cfg, method='bp'), state, batch)
+  return dfa.update_angles(local, bp)
+
+
+def make_mesh(num_devices: int = 0) -> jax.sharding.Mesh:
+  devices = jax.devices()
+  if num_devices:
+    devices = devices[:num_devices]
+  return jax.sharding.Mesh(np.asarray(devices), ('data',))
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  sharding = NamedSharding(mesh, P('data'))
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def make_steps(cfg: StepConfig, mesh, state: TrainState):
+  """The jitted train, eval and angle steps for a mesh: state replicated, batch sharded."""
+  repl = NamedSharding(mesh, P())
+  state_sharding = jax.tree.map(lambda _: repl, state)
+  train = jax.jit(functools.partial(train_step, cfg=cfg), donate_argnums=0,
+                  out_shardings=(state_sharding, repl))
+  evaluate = jax.jit(eval_step, out_shardings=repl)
+  angles = jax.jit(functools.partial(angle_step, cfg), out_shardings=repl)
+  return train, evaluate, angles
