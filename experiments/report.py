@@ -20,10 +20,11 @@ import numpy as np
 from absl import app, flags
 
 from configs import default
-from lrdfa_jax.train import FACTORED_METHODS
+from lrdfa_jax.steps import FACTORED_METHODS
 from lrdfa_jax.writers import read_jsonl
 
 DEFAULT_RANK = default.get_config().model.rank  # left unmarked in labels
+DEFAULT_READOUT = default.get_config().dfa.readout_dim  # LLS's 512, left unmarked
 _RUNS = flags.DEFINE_string('runs', None, 'Glob of run directories to export.')
 _EXPORT = flags.DEFINE_string('export', None, 'Folder to write one summary JSON per run into.')
 RESULTS = flags.DEFINE_string('results', None, 'Folder of exported summaries to report on.')
@@ -32,7 +33,8 @@ RESULTS = flags.DEFINE_string('results', None, 'Folder of exported summaries to 
 def variant(summary: dict) -> str:
   """A short label: the method plus what differs from its defaults (for the ablation).
 
-  Only the dfa fields are read (method, align, orth_weight, delivery, signal, sim_weight); runs that differ in
+  Only the dfa fields are read (method, align, orth_weight, delivery, signal, readout_dim,
+  sim_weight); runs that differ in
   model or training settings share a label, so keep such runs in separate result folders.
   Channel-broadcast feedback is marked because configs/cifar10.py delivers full maps. For
   the factored methods the rank is marked when it is not the default 1/4, with the rank
@@ -50,6 +52,8 @@ def variant(summary: dict) -> str:
   signal = d.get('signal', 'global') if label.split()[0] in ('dfa', 'ssa') else 'global'
   if signal != 'global':  # the readout replaces the feedback: its delivery does not apply
     label += f' + {signal} error'
+    if d.get('readout_dim', DEFAULT_READOUT) != DEFAULT_READOUT:
+      label += f' (readout ≤ {d["readout_dim"]})'
   elif d.get('delivery', 'channel') == 'channel' and label.split()[0] in ('dfa', 'ssa'):
     label += ' (channel-broadcast feedback)'  # configs/cifar10.py delivers full feature maps
   if d.get('sim_weight') and label.split()[0] in ('dfa', 'ssa'):

@@ -48,6 +48,12 @@ VARIANTS = {
                            'dfa.feedback_lr_decay': 1.0, 'model.act': 'leaky_relu',
                            'model.kwargs': {'norm': 'batch'}}, False),
 }
+# the held-out probe's choice (results/cifar10_small_conv_local/tuning*.md): the learned
+# readout reads a finer pool grid (g²c ≤ 2048, Nøkland & Eidnes' decoder width: conv1 8×8,
+# conv2 and conv3 4×4) instead of LLS's ≤ 512; its lr is the base variant's held-out choice
+WIDE_READOUT = 2048
+VARIANTS['ssa_local_pred_wide_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
+                                       'dfa.readout_dim': WIDE_READOUT}, False)
 # rank reduction during training (lrdfa_jax.rank; issue 16): start at rank 1/2, cut after
 # epochs 3 and 6 to the ranks holding REDUCE_ENERGY of each layer's Σ s², with and without
 # Hoyer sparsity on s, against fixed ranks (1/4 is the plain ssa / svd_bp)
@@ -70,6 +76,7 @@ for _m in ('ssa', 'svd_bp'):
                                    'dfa.hoyer_weight': PROBED_HOYER}, False)
 # an ablation's learning rate is its base variant's tuned one
 BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': 'svd_bp',
+        'ssa_local_pred_wide_bn': 'ssa_local_pred_bn',
         'ssa_channel_noalign': 'ssa_channel', 'ssa_channel_noorth': 'ssa_channel',
         **{f'{m}_{v}': m for m in ('ssa', 'svd_bp') for v in ('r8', 'reduce', 'reduce_hoyer', 'reduce_h01')}}
 
