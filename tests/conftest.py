@@ -24,6 +24,7 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 import pathlib  # noqa: E402
 import time  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from lrdfa_jax import data  # noqa: E402
@@ -65,3 +66,23 @@ def cifar10(tmp_path_factory):
   ds = data.load_offline('cifar10', root, cache_dir=cache_dir)
   return dict(ds=ds, root=root, cache_dir=cache_dir, before=before,
               seconds=time.perf_counter() - start)
+
+
+class FakeRecords:
+  """Random-access records as a tfds source read without SkipDecoding gives them: arrays of
+  varied sizes (record 3 greyscale), label = index; counts its reads."""
+
+  def __init__(self, num):
+    rng = np.random.default_rng(1)
+    self.records = []
+    for i in range(num):
+      shape = (int(rng.integers(20, 48)), int(rng.integers(20, 48))) + (() if i == 3 else (3,))
+      self.records.append({'image': rng.integers(0, 256, shape, dtype=np.uint8), 'label': i})
+    self.reads = 0
+
+  def __len__(self):
+    return len(self.records)
+
+  def __getitem__(self, i):
+    self.reads += 1
+    return self.records[i]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from lrdfa_jax import data
+from tests.conftest import FakeRecords
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -109,27 +110,8 @@ def test_eval_batches_cover_once_with_mask():
       np.testing.assert_array_equal(np.concatenate([p[k][key] for p in parts]), b[key])
 
 
-class _FakeSource:
-  """A lazy random-access source: records of varied sizes (one grayscale), label = index."""
-
-  def __init__(self, num):
-    rng = np.random.default_rng(1)
-    self.records = []
-    for i in range(num):
-      shape = (int(rng.integers(20, 48)), int(rng.integers(20, 48))) + (() if i == 3 else (3,))
-      self.records.append({'image': rng.integers(0, 256, shape, dtype=np.uint8), 'label': i})
-    self.reads = 0
-
-  def __len__(self):
-    return len(self.records)
-
-  def __getitem__(self, i):
-    self.reads += 1
-    return self.records[i]
-
-
 def test_lazy_source_train_batches():
-  recs = _FakeSource(21)
+  recs = FakeRecords(21)
   src = data.RecordSource(recs)
   kw = dict(batch_size=8, seed=3, epoch=1, mean=MEAN, std=STD, image_size=16, workers=3)
   batches = list(data.train_batches(src, **kw))
@@ -163,7 +145,7 @@ def test_lazy_source_train_batches():
 
 
 def test_lazy_source_eval_batches_cover_once():
-  recs = _FakeSource(10)
+  recs = FakeRecords(10)
   src = data.RecordSource(recs)
   kw = dict(batch_size=4, mean=MEAN, std=STD, image_size=12, workers=2)
   batches = list(data.eval_batches(src, **kw))

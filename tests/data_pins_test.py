@@ -10,6 +10,7 @@ import numpy as np
 
 from configs import default
 from lrdfa_jax import build, data
+from tests.conftest import FakeRecords
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 PINS = {
@@ -42,23 +43,6 @@ def _check(name, batches):
   assert got == PINS[name], f'{name}: the batches changed ({got})'
 
 
-class _Records:
-  """Records of varied sizes (one greyscale), decoded arrays as a tfds source gives them."""
-
-  def __init__(self, num):
-    rng = np.random.default_rng(1)
-    self.records = []
-    for i in range(num):
-      shape = (int(rng.integers(20, 48)), int(rng.integers(20, 48))) + (() if i == 3 else (3,))
-      self.records.append({'image': rng.integers(0, 256, shape, dtype=np.uint8), 'label': i})
-
-  def __len__(self):
-    return len(self.records)
-
-  def __getitem__(self, i):
-    return self.records[i]
-
-
 def test_synthetic_batches_are_pinned():
   ds = data.synthetic(num_train=300, num_test=100, image_shape=(32, 32, 3), num_classes=10,
                       seed=5)
@@ -70,7 +54,7 @@ def test_synthetic_batches_are_pinned():
 
 
 def test_record_batches_are_pinned():
-  src = data.RecordSource(_Records(21))
+  src = data.RecordSource(FakeRecords(21))
   kw = dict(mean=MEAN, std=STD, image_size=16, workers=3, process_index=1, process_count=2)
   _check('records_train', list(data.train_batches(src, batch_size=8, seed=3, epoch=1, **kw)))
   _check('records_eval', list(data.eval_batches(src, batch_size=8, **kw)))
