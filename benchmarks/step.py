@@ -116,7 +116,7 @@ def count_params(config: ml_collections.ConfigDict, image_shape, num_classes: in
   model = build.build_model(config, num_classes)
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, *image_shape)), train=False))
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes['params'])))
+  return metrics_lib.param_count(shapes['params'])
 
 
 def rank_for_fraction(config: ml_collections.ConfigDict, fraction: float, image_shape,

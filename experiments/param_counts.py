@@ -21,9 +21,8 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lrdfa_jax import build, models, steps as steps_lib
+from lrdfa_jax import build, metrics, models, steps as steps_lib
 
 CONFIGS = ('cifar10', *(f'zoo:{m},cifar10' for m in ('vgg13', 'resnet20', 'resnet32', 'resnet56',
                                                      'mobilenet_v1')),
@@ -36,10 +35,6 @@ def _load(name: str):
   module = path.removeprefix('configs/').removesuffix('.py').replace('/', '.')
   get = importlib.import_module(f'configs.{module}').get_config
   return get(arg) if arg else get()
-
-
-def _size(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
 def count(config, method: str) -> dict:
@@ -56,7 +51,7 @@ def count(config, method: str) -> dict:
                                                            info['num_classes']), params)
   factored = method in steps_lib.FACTORED_METHODS
   overrides = build.parse_overrides(c.model.overrides) if factored else {}
-  return {'params': _size(params), 'feedback': _size(feedback.groups),
+  return {'params': metrics.param_count(params), 'feedback': metrics.param_count(feedback.groups),
           'unmatched': models.unmatched_overrides(params, overrides),
           'shape': info['image_shape'], 'classes': info['num_classes']}
 

@@ -294,7 +294,7 @@ class _Loop:
           self.check_loss(loss)
           bar.set_postfix(loss=f'{loss:.3f}')
 
-  def reduce_ranks(self, epoch: int) -> None:
+  def cut_ranks(self, epoch: int) -> None:
     """Cuts the ranks (:func:`reduce_ranks`) and recompiles the steps for the new shapes."""
     before = metrics_lib.param_count(self.state.params)
     state, ranks = reduce_ranks(self.config, self.state, self.run.info['num_classes'])
@@ -418,7 +418,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       loop.train_epoch(end_step, bar)
       epoch, into = divmod(loop.step, steps_per_epoch)
       if not into and epoch in rank_epochs:
-        loop.reduce_ranks(epoch)
+        loop.cut_ranks(epoch)
       if (not into and epoch % tc.eval_every_epochs == 0) or loop.step == end_step:
         for split in evaluated:
           loop.evaluate(split)

@@ -200,3 +200,13 @@ def test_prefetch_close_stops_producer():
     assert [next(it) for _ in range(5)] == list(range(5))
   assert closed.wait(5.0)
   assert not any(t.name == 'lrdfa-prefetch' and t.is_alive() for t in threading.enumerate())
+
+
+def test_array_source_reads_and_maps_each_image():
+  images, labels = _ids_dataset(10)
+  src = data.ArraySource(images, labels)
+  got, lab = src.read([3, 1], example=lambda pos, im: im[:4, :4] + pos)
+  assert got.shape == (2, 4, 4, 3) and got.dtype == np.uint8 and lab.dtype == np.int32
+  np.testing.assert_array_equal(got[1], images[1, :4, :4] + 1)
+  np.testing.assert_array_equal(lab, [3, 1])
+  assert len(src.subset([9, 0])) == 2 and src.subset([9, 0]).read([0])[1][0] == 9
