@@ -22,7 +22,7 @@ import os
 from absl import app, flags
 
 from experiments import report
-from experiments.variants import VARIANTS, chosen_lr, config_for, finished_summary
+from experiments.variants import DATASETS, VARIANTS, chosen_lr, config_for, finished_summary
 from lrdfa_jax import train
 
 _RUNDIR = flags.DEFINE_string('rundir', 'runs/protocol', 'Where the runs live.')
@@ -30,6 +30,8 @@ _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'],
                             'Seeds for the all-seed variants; the others run the first.')
 _EPOCHS = flags.DEFINE_integer('epochs', 10, 'Epochs for every run.')
 _ONLY = flags.DEFINE_list('only', None, 'Run only these variants (experiments/variants.py).')
+_DATASET = flags.DEFINE_enum('dataset', 'cifar10', list(DATASETS),
+                              'The dataset every run trains on (cifar100: the re-split copy).')
 _TUNING = flags.DEFINE_string('tuning', 'results/cifar10_small_conv/tuning.json',
                               'experiments.tune output with the learning rate per method.')
 
@@ -41,7 +43,7 @@ def main(argv):
     if _ONLY.value and variant not in _ONLY.value:
       continue
     for seed in seeds if all_seeds else seeds[:1]:
-      c = config_for(variant, seed, _EPOCHS.value)
+      c = config_for(variant, seed, _EPOCHS.value, _DATASET.value)
       tuned = chosen_lr(_TUNING.value, variant)
       if tuned is None:
         print(f'{variant}: no held-out choice in {_TUNING.value}; the config\'s lr {c.opt.lr:g}')

@@ -34,7 +34,7 @@ def variant(summary: dict) -> str:
   """A short label: the method plus what differs from its defaults (for the ablation).
 
   Only the dfa fields are read (method, align, orth_weight, delivery, signal, readout_dim,
-  sim_weight); runs that differ in
+  sim_weight, learn_feedback, bp_blocks); runs that differ in
   model or training settings share a label, so keep such runs in separate result folders.
   Channel-broadcast feedback is marked because configs/cifar10.py delivers full maps. For
   the factored methods the rank is marked when it is not the default 1/4, with the rank
@@ -61,6 +61,8 @@ def variant(summary: dict) -> str:
   learn = d.get('learn_feedback', 'none') if label.split()[0] in ('dfa', 'ssa') else 'none'
   if learn != 'none':
     label += ' + learned readout' if learn == 'local' else ' + DKP feedback'
+  if d.get('bp_blocks') and label.split()[0] in ('dfa', 'ssa'):
+    label += f' (backprop on {", ".join(d["bp_blocks"])})'
   m = summary['config'].get('model', {})
   if summary['method'] in FACTORED_METHODS:  # the rank: marked when not configs/default.py's 1/4
     reduce = summary['config'].get('rank', {})

@@ -19,7 +19,7 @@ import os
 
 from absl import app, flags
 
-from experiments.variants import config_for, finished_summary
+from experiments.variants import DATASETS, config_for, finished_summary
 from lrdfa_jax import train
 
 _RUNDIR = flags.DEFINE_string('rundir', 'runs/tune', 'Where the runs live.')
@@ -30,6 +30,8 @@ _EPOCHS = flags.DEFINE_integer('epochs', 3, 'Epochs per run.')
 _VAL = flags.DEFINE_integer('validation_size', 5000, 'Images held out of the training set.')
 _SET = flags.DEFINE_list('set', [], 'Extra overrides, section.field=value.')
 _TAG = flags.DEFINE_string('tag', '', 'Names the --set probe in run dirs and the JSON.')
+_DATASET = flags.DEFINE_enum('dataset', 'cifar10', list(DATASETS),
+                              'The dataset every run trains on (cifar100: the re-split copy).')
 _OUT = flags.DEFINE_string('out', 'results/cifar10_small_conv/tuning.json', 'Results JSON.')
 
 
@@ -85,10 +87,13 @@ def main(argv):
   if os.path.exists(_OUT.value):
     with open(_OUT.value) as f:
       doc = json.load(f)
-  doc.update(epochs=_EPOCHS.value, validation_size=_VAL.value)
+  if doc.get('dataset', 'cifar10') != _DATASET.value:
+    raise app.UsageError(f'{_OUT.value} holds {doc.get("dataset", "cifar10")} runs; pass another '
+                         f'--out for {_DATASET.value}.')
+  doc.update(epochs=_EPOCHS.value, validation_size=_VAL.value, dataset=_DATASET.value)
   for variant in _VARIANTS.value:
     for lr in (float(x) for x in _LRS.value):
-      c = config_for(variant, seed=0, epochs=_EPOCHS.value)
+      c = config_for(variant, seed=0, epochs=_EPOCHS.value, dataset=_DATASET.value)
       c.opt.lr = lr
       c.data.validation_size = _VAL.value
       for key, value in overrides.items():

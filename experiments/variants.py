@@ -74,15 +74,30 @@ for _m in ('ssa', 'svd_bp'):
   VARIANTS[f'{_m}_reduce_h01'] = ({'dfa.method': _m, 'model.rank': 0.5, 'rank.epochs': (3, 6),
                                    'rank.energy': PROBED_ENERGY,
                                    'dfa.hoyer_weight': PROBED_HOYER}, False)
+# the diagnosis of issue 12: one block of ssa_local_pred_bn learns by backprop (the gradient of
+# the output loss through the whole net), the others by their local rule, for each block in turn
+BP_BLOCKS = ('conv1', 'conv2', 'conv3', 'fc1')
+for _b in BP_BLOCKS:
+  VARIANTS[f'ssa_local_pred_bp_{_b}_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
+                                            'dfa.bp_blocks': (_b,)}, False)
 # an ablation's learning rate is its base variant's tuned one
 BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': 'svd_bp',
         'ssa_local_pred_wide_bn': 'ssa_local_pred_bn',
+        **{f'ssa_local_pred_bp_{b}_bn': 'ssa_local_pred_bn' for b in BP_BLOCKS},
         'ssa_channel_noalign': 'ssa_channel', 'ssa_channel_noorth': 'ssa_channel',
         **{f'{m}_{v}': m for m in ('ssa', 'svd_bp') for v in ('r8', 'reduce', 'reduce_hoyer', 'reduce_h01')}}
 
 
-def config_for(variant: str, seed: int, epochs: int):
+DATASETS = ('cifar10', 'cifar100')
+
+
+def config_for(variant: str, seed: int, epochs: int, dataset: str = 'cifar10'):
+  """configs/cifar10.py with ``variant``'s fields, on ``dataset`` (CIFAR-100 (re-split) is the
+  same pipeline with 100 classes: same augmentation, optimizer, schedule and model)."""
+  if dataset not in DATASETS:
+    raise ValueError(f'dataset {dataset!r} is not one of {", ".join(DATASETS)}')
   c = cifar10.get_config()
+  c.data.name = dataset
   for key, value in VARIANTS[variant][0].items():
     section, field = key.split('.')
     c[section][field] = value

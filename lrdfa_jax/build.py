@@ -18,7 +18,8 @@ import optax
 from lrdfa_jax import alignment
 from lrdfa_jax import data as data_lib
 from lrdfa_jax import dfa, feedback as fb, layers, models, optim, signals
-from lrdfa_jax.steps import FACTORED_METHODS, LOCAL_METHODS, METHODS, StepConfig, TrainState
+from lrdfa_jax.steps import (FACTORED_METHODS, LOCAL_METHODS, METHODS, StepConfig, TrainState,
+                             in_blocks)
 
 class ConfigError(ValueError):
   """A config that cannot run; the message says what to change."""
@@ -292,6 +293,15 @@ def setup(config: ml_collections.ConfigDict, *, steps_per_epoch: int = 1, num_de
     if unmatched:
       raise ConfigError(f'model.overrides {unmatched} match no layer of {config.model.name}; '
                         f'its layers are {list(models.layer_paths(state.params))}.')
+  blocks = tuple(d.get('bp_blocks', ()))
+  if blocks:
+    if d.method not in LOCAL_METHODS:
+      raise ConfigError(f'dfa.bp_blocks trains some blocks of a local method by backprop; '
+                        f'{d.method} is not local ({", ".join(LOCAL_METHODS)}). Leave it ().')
+    unknown = [b for b in blocks if not any(in_blocks(k, (b,)) for k in state.params)]
+    if unknown:
+      raise ConfigError(f'dfa.bp_blocks {unknown} name no block of {config.model.name}; its '
+                        f'top-level params are {list(state.params)}.')
   cfg = step_config(config, model, info['image_shape'])
   aligned, notice = None, ''
   if cfg.method in LOCAL_METHODS and cfg.method in FACTORED_METHODS and cfg.align_weight \

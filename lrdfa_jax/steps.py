@@ -53,6 +53,7 @@ class StepConfig:
   readout_temperature: float = 0.5
   sim_weight: float = 0.0
   learn_feedback: str = 'none'     # none | local (learned readouts) | global (DKP)
+  bp_blocks: tuple[str, ...] = ()  # blocks whose update is the backprop gradient (diagnosis)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
@@ -67,7 +68,8 @@ class StepConfig:
                readout_temperature=float(d.get('readout_temperature', 0.5)),
                sim_weight=float(d.get('sim_weight', 0.0)),
                learn_feedback=(d.get('learn_feedback', 'none') if d.method in LOCAL_METHODS
-                               else 'none'))
+                               else 'none'),
+               bp_blocks=(tuple(d.get('bp_blocks', ())) if d.method in LOCAL_METHODS else ()))
 
 
 
@@ -78,11 +80,22 @@ def _variables(state: TrainState, params: Any) -> dict[str, Any]:
   return v
 
 
+def in_blocks(name: str, blocks: tuple[str, ...]) -> bool:
+  """Whether the top-level param ``name`` belongs to one of ``blocks``: it is one, or is named
+  ``<block>_...`` (SmallConv's ``conv1_bn`` belongs to ``conv1``)."""
+  return any(name == b or name.startswith(b + '_') for b in blocks)
+
+
 def compute_updates(cfg: StepConfig, state: TrainState, batch: dict[str, Any]):
-  """``(updates, aux)`` of the configured method: local (DFA/SSA) or backprop."""
+  """``(updates, aux)`` of the configured method: local (DFA/SSA) or backprop.
+
+  With ``cfg.bp_blocks`` (a local method), the params of those blocks (:func:`in_blocks`) take
+  the backprop gradient of the output loss through the whole net instead of their local update,
+  and the rest keep theirs: the diagnosis "which block's local rule costs most".
+  """
   local = cfg.method in LOCAL_METHODS
 
-  def forward(params):
+  def forward(params, local=local):
     variables = _variables(state, params)
     if state.batch_stats:
       out, mutated = state.apply_fn(variables, batch['image'], train=True, local=local,
@@ -98,6 +111,10 @@ def compute_updates(cfg: StepConfig, state: TrainState, batch: dict[str, Any]):
                                  readout_temperature=cfg.readout_temperature,
                                  sim_weight=cfg.sim_weight,
                                  learn_feedback=cfg.learn_feedback)
+    if cfg.bp_blocks:
+      bp, _ = dfa.bp_grads(functools.partial(forward, local=False), state.params,
+                           batch['label'])
+      grads = {k: bp[k] if in_blocks(k, cfg.bp_blocks) else v for k, v in grads.items()}
   else:
     grads, aux = dfa.bp_grads(forward, state.params, batch['label'])
   return grads, aux
@@ -143,7 +160,7 @@ def eval_step(state: TrainState, batch: dict[str, Any]) -> dict[str, jax.Array]:
 def angle_step(cfg: StepConfig, state: TrainState, batch: dict[str, Any]) -> dict[str, jax.Array]:
   """Per-layer angle (degrees) between the method's update and the true BP gradient."""
   local, _ = compute_updates(cfg, state, batch)
-  bp, _ = compute_updates(dataclasses.replace(cfg, method='bp'), state, batch)
+  bp, _ = compute_updates(dataclasses.replace(cfg, method='bp', bp_blocks=()), state, batch)
   return dfa.update_angles(local, bp)
 
 

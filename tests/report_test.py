@@ -72,8 +72,9 @@ def test_variant_labels():
   assert report.variant(s) == 'ssa + local error + sim + learned readout'
   s['config']['dfa'].update(readout_dim=2048)
   assert report.variant(s) == 'ssa + local error (readout ≤ 2048) + sim + learned readout'
-  s['config']['dfa'].update(readout_dim=512)
-  s['config']['dfa'].update(learn_feedback='none')
+  s['config']['dfa'].update(readout_dim=512, bp_blocks=['conv2'])
+  assert report.variant(s) == 'ssa + local error + sim + learned readout (backprop on conv2)'
+  s['config']['dfa'].update(learn_feedback='none', bp_blocks=[])
   s['config']['model'].update(kwargs={'norm': 'batch'}, act='leaky_relu')
   assert report.variant(s) == 'ssa + local error + sim (BN, leaky_relu)'
   s['method'] = 'bp'
@@ -109,6 +110,16 @@ def test_protocol_variants_share_one_pipeline():
     assert {k: v for k, v in c['train'].items() if k != 'seed'} == \
         {k: v for k, v in base['train'].items() if k != 'seed'}
   assert protocol.config_for('ssa_noorth', 0, 10).dfa.orth_weight == 0.0
+  diag = protocol.config_for('ssa_local_pred_bp_conv2_bn', 0, 10).to_dict()  # the diagnosis
+  plain = protocol.config_for('ssa_local_pred_bn', 0, 10).to_dict()
+  assert diag['dfa'].pop('bp_blocks') == ('conv2',) and plain['dfa'].pop('bp_blocks') == ()
+  assert diag == plain
+  c100 = protocol.config_for('ssa', 0, 10, dataset='cifar100').to_dict()  # CIFAR-100 (re-split)
+  assert c100['data'] == base['data'] | {'name': 'cifar100'} and base['data']['name'] == 'cifar10'
+  assert {k: v for k, v in c100.items() if k != 'data'} == \
+      {k: v for k, v in protocol.config_for('ssa', 0, 10).to_dict().items() if k != 'data'}
+  with pytest.raises(ValueError, match='not one of cifar10, cifar100'):
+    protocol.config_for('ssa', 0, 10, dataset='mnist')
   assert protocol.config_for('ssa_noalign', 0, 10).dfa.align == 'none'
   assert protocol.config_for('ssa', 0, 10).dfa.delivery == 'full'
   for name in ('ssa_channel', 'dfa_channel', 'ssa_channel_noalign', 'ssa_channel_noorth'):

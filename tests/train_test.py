@@ -458,3 +458,50 @@ def test_rank_reduction_during_training_resumes_bit_identically(tmp_path):
     train.train_and_evaluate(tiny_config(dfa__method='dfa', rank__epochs=(1,)))
   with pytest.raises(train.ConfigError, match=r'rank.epochs=\(3,\)'):
     train.train_and_evaluate(tiny_config(dfa__method='ssa', rank__epochs=(3,)))
+
+
+def test_bp_blocks_take_the_backprop_gradient_and_the_rest_their_local_update():
+  """dfa.bp_blocks=('conv2',) on the BN SmallConv: conv2 and conv2_bn get jax.grad of the
+  output CE through the whole net (written out here, not via dfa.bp_grads), every other block
+  exactly the update it gets without the option."""
+  c = tiny_config('ssa', dfa__signal='local', model__act='leaky_relu',
+                  model__kwargs=ml_collections.ConfigDict({'widths': (4, 8, 8), 'hidden': 16,
+                                                           'norm': 'batch'}))
+  run = build.setup(c)
+  state = run.state
+  images, labels = data_lib.synthetic(**c.data.synthetic.to_dict())["train"]
+  batch = {'image': jnp.asarray(images[:16], jnp.float32) / 255.0,
+           'label': jnp.asarray(labels[:16])}
+  plain, _ = steps_lib.compute_updates(run.step_cfg, state, batch)
+  mixed, _ = steps_lib.compute_updates(
+      steps_lib.StepConfig.from_config(_with(c, dfa__bp_blocks=('conv2',))), state, batch)
+
+  def ce(params):
+    logits, _ = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
+                               batch['image'], train=True, mutable=['batch_stats'])[0]
+    onehot = jax.nn.one_hot(batch['label'], logits.shape[-1])
+    return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1))
+  reference = jax.grad(ce)(state.params)
+  bp_names = {'conv2', 'conv2_bn'} & set(state.params)
+  assert 'conv2' in bp_names
+  for name in state.params:
+    want = reference[name] if name in bp_names else plain[name]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 mixed[name], want)
+  # the local update of conv2 is not the backprop gradient, so the swap is visible
+  assert not np.allclose(plain['conv2']['u'], reference['conv2']['u'], atol=1e-4)
+
+
+def _with(config, **overrides):
+  c = config.copy_and_resolve_references()
+  for k, v in overrides.items():
+    section, field = k.split('__')
+    c[section][field] = v
+  return c
+
+
+def test_bp_blocks_must_name_blocks_of_a_local_method():
+  with pytest.raises(train.ConfigError, match=r"dfa.bp_blocks \['conv9'\] name no block"):
+    train.train_and_evaluate(tiny_config(dfa__bp_blocks=('conv9',)))
+  with pytest.raises(train.ConfigError, match='svd_bp is not local'):
+    train.train_and_evaluate(tiny_config('svd_bp', dfa__bp_blocks=('conv1',)))
