@@ -112,3 +112,21 @@ def test_profile_reads_instruction_names_from_hlo():
   instrs = profile.hlo_instructions(compiled.as_text())
   assert any(i['opcode'] in ('dot', 'fusion', 'custom-call') for i in instrs.values())
   assert all({'type', 'opcode', 'op_name'} <= set(i) for i in instrs.values())
+
+
+def test_conv_benchmark_compares_both_forms_and_marks_the_library_choice(tmp_path, capsys):
+  from benchmarks import conv
+  out = tmp_path / 'conv.json'
+  doc = conv.main(['--shapes=2x2x8,8x8x4', '--batch_size=4', '--steps=1', '--rounds=2',
+                   f'--out={out}'])
+  small, large = doc['records']
+  assert (small['library_form'], large['library_form']) == ('im2col', 'lax')
+  for r in doc['records']:
+    assert r['lax_ms'] > 0 and r['im2col_ms'] > 0
+    assert np.isclose(r['im2col_over_lax'], r['im2col_ms'] / r['lax_ms'])
+  assert json.loads(out.read_text())['records'][0]['shape'] == [2, 2, 8]
+  md = (tmp_path / 'conv.md').read_text()
+  assert '| 2×2×8 |' in md and 'im2col |' in md and 'benchmarks.conv --shapes=2x2x8' in md
+  with pytest.raises(SystemExit):
+    conv.main(['--shapes=2x2'])
+  assert 'give HxWxC maps' in capsys.readouterr().err

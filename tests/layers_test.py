@@ -95,3 +95,67 @@ def test_fractional_rank_builds_low_rank_layer():
   p = layers.SVDConv(32, (3, 3), rank=0.25, split='channel').init(
       jax.random.key(0), jnp.zeros((1, 8, 8, 16)))['params']
   assert p['s'].shape == (8,)
+
+
+def _primitives(fn, *args):
+  return {e.primitive.name for e in jax.make_jaxpr(fn)(*args).eqns}
+
+
+@pytest.mark.parametrize('hw,kernel,strides,padding', [
+    ((2, 2), (3, 3), (1, 1), 'SAME'), ((4, 4), (3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((5, 3), (3, 1), (2, 1), 'SAME'), ((4, 4), (1, 3), (1, 1), ((0, 0), (1, 1))),
+    ((6, 6), (3, 3), (2, 2), 'VALID'), ((8, 8), (3, 3), (2, 2), ((1, 0), (0, 1)))])
+def test_tiny_map_conv_equals_lax_conv_with_gradients(hw, kernel, strides, padding):
+  x = jax.random.normal(jax.random.key(0), (3, *hw, 5))
+  k = jax.random.normal(jax.random.key(1), (*kernel, 5, 4))
+  dn = ('NHWC', 'HWIO', 'NHWC')
+
+  def loss(conv, x, k):
+    y = conv(x, k, strides, padding, dimension_numbers=dn)
+    return jnp.sum(jnp.sin(y)), y
+  (_, want), g_want = jax.value_and_grad(
+      lambda x, k: loss(jax.lax.conv_general_dilated, x, k), (0, 1), has_aux=True)(x, k)
+  (_, got), g_got = jax.value_and_grad(
+      lambda x, k: loss(layers.conv_general_dilated, x, k), (0, 1), has_aux=True)(x, k)
+  assert got.shape == want.shape and got.shape[1] * got.shape[2] <= layers.TINY_MAP
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for a, b in zip(g_got, g_want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # it really is the im2col form: no conv left in the jaxpr
+  assert 'conv_general_dilated' not in _primitives(
+      lambda x, k: layers.conv_general_dilated(x, k, strides, padding, dimension_numbers=dn), x, k)
+
+
+def test_large_maps_and_grouped_convs_keep_lax_conv():
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  k = jnp.ones((3, 3, 4, 4))
+  big = _primitives(lambda x, k: layers.conv_general_dilated(x, k, (1, 1), 'SAME',
+                                                             dimension_numbers=dn), x, k)
+  grouped = _primitives(lambda x: layers.conv_general_dilated(
+      x[:, :4, :4], k[..., :1, :], (1, 1), 'SAME', dimension_numbers=dn,
+      feature_group_count=4), x)
+  assert 'conv_general_dilated' in big and 'conv_general_dilated' in grouped
+
+
+def test_zoo_convs_take_the_im2col_form_on_tiny_maps():
+  """VGG-13's stage-5 convs (2×2 maps) run as matmuls, dense (bp) and factored alike."""
+  from lrdfa_jax import models
+  x = jnp.zeros((1, 32, 32, 3))
+  for rank in (None, 0.25):
+    m = models.build_model('vgg13', num_classes=10, rank=rank, width=0.125)
+    v = m.init(jax.random.key(0), x, train=False)
+    eqns = jax.make_jaxpr(lambda v: m.apply(v, x, train=False))(v).eqns
+    convs = [e for e in _walk(eqns) if e.primitive.name == 'conv_general_dilated']
+    maps = {e.outvars[0].aval.shape[1] * e.outvars[0].aval.shape[2] for e in convs}
+    assert sorted(maps) == [8 * 8, 16 * 16, 32 * 32], rank  # stages 4 and 5 (4×4, 2×2): matmuls
+
+
+def _walk(eqns):
+  for e in eqns:
+    yield e
+    for p in e.params.values():
+      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+        inner = getattr(sub, 'jaxpr', None)
+        if inner is not None:
+          yield from _walk(getattr(inner, 'eqns', []) or getattr(sub, 'eqns', []))

@@ -74,7 +74,8 @@ def build_model(name: str, *, num_classes: int, rank: layers.Rank | None = None,
     raise ValueError(f'model {name!r} takes no argument(s) {sorted(unknown)}; it takes '
                      f'{sorted(set(fields) - {"parent", "name", "conv", "dense", "act"})}.')
   dense = layer_factory(layers.SVDDense, nn.Dense, rank, overrides)
-  conv = layer_factory(layers.SVDConv, nn.Conv, rank, overrides, split=split)
+  dense_conv = functools.partial(nn.Conv, conv_general_dilated=layers.conv_general_dilated)
+  conv = layer_factory(layers.SVDConv, dense_conv, rank, overrides, split=split)
   kwargs = dict(num_classes=num_classes, dense=dense, act=ACTIVATIONS[act], **model_kwargs)
   if 'conv' in fields:
     kwargs['conv'] = conv

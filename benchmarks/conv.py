@@ -1,0 +1,125 @@
+r"""A conv as XLA's convolution or as im2col + one matmul, per shape: the ``layers.TINY_MAP`` choice.
+
+Command (writes ``OUT.json`` and ``OUT.md``)::
+
+  python -m benchmarks.conv --out=benchmarks/results/cpu_tiny_map_conv.json
+
+For each ``HxWxC`` map (batch ``--batch_size``, a 3×3 stride-1 SAME conv from C to C channels)
+the forward and both gradients (input and kernel: one training step's conv work) are jitted
+in both forms: ``lax.conv_general_dilated`` and :func:`lrdfa_jax.layers.conv_general_dilated`'s
+im2col form (forced by raising ``TINY_MAP`` for the trace). The two run interleaved,
+``--rounds`` × ``--steps`` calls each after a warm-up, and the median times are compared in the
+same process. ``layers.TINY_MAP`` sends a conv to im2col when its output has at most that many
+positions; the table marks which form the library picks for each shape.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.step import machine_info
+from lrdfa_jax import layers
+
+DN = ('NHWC', 'HWIO', 'NHWC')
+# VGG-13's five stages at width 1 (32×32×64 ... 2×2×512) and the ResNets' 16-channel stage
+SHAPES = '2x2x512,4x4x512,8x8x256,16x16x128,32x32x64,32x32x16'
+
+
+def _step(form: str):
+  def loss(x, k):
+    if form == 'lax':
+      y = jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=DN)
+    else:
+      y = layers.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=DN)
+    return jnp.sum(y * y)
+  return jax.jit(jax.grad(loss, argnums=(0, 1)))
+
+
+def measure(shape: tuple[int, int, int], batch_size: int, steps: int, rounds: int) -> dict:
+  h, w, c = shape
+  x = jax.random.normal(jax.random.key(0), (batch_size, h, w, c))
+  k = jax.random.normal(jax.random.key(1), (3, 3, c, c)) / np.sqrt(9 * c)
+  saved, layers.TINY_MAP = layers.TINY_MAP, h * w  # force the im2col form for this shape
+  try:
+    fns = {'lax': _step('lax'), 'im2col': _step('im2col')}
+    for f in fns.values():
+      jax.block_until_ready(f(x, k))  # compile (under the forced threshold) and warm up
+  finally:
+    layers.TINY_MAP = saved
+  times = {name: [] for name in fns}
+  for r in range(rounds):
+    for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+      for _ in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(fns[name](x, k))
+        times[name].append(time.perf_counter() - t)
+  ms = {n: 1e3 * float(np.median(t)) for n, t in times.items()}
+  flops = 3 * 2 * batch_size * h * w * 9 * c * c  # forward, input and kernel gradient
+  return {'shape': [h, w, c], 'batch_size': batch_size, 'lax_ms': ms['lax'],
+          'im2col_ms': ms['im2col'], 'im2col_over_lax': ms['im2col'] / ms['lax'],
+          'lax_gflops': flops / ms['lax'] / 1e6, 'im2col_gflops': flops / ms['im2col'] / 1e6,
+          'library_form': 'im2col' if h * w <= layers.TINY_MAP else 'lax'}
+
+
+def markdown(doc: dict) -> str:
+  m = doc['machine']
+  lines = [f'Command: `{doc["command"]}`', '',
+           f'Machine: {m["device_count"]}× {m["device"]} ({m["cpu"]}, {m["cpu_count"]} CPUs); '
+           f'jax {m["jax_version"]}; {doc["time"]}. 1-minute load average at start → end: '
+           f'{doc["load"][0]:.2f} → {doc["load"][1]:.2f}.', '',
+           f'3×3 stride-1 SAME conv, C → C channels, batch {doc["records"][0]["batch_size"]}: '
+           'forward + input gradient + kernel gradient, median of interleaved calls. '
+           f'The library runs a conv as im2col when its output has ≤ {doc["tiny_map"]} '
+           'positions (`layers.TINY_MAP`).', '',
+           '| map | lax ms | im2col ms | im2col ÷ lax | lax GFLOP/s | im2col GFLOP/s | '
+           'library picks |', '|---|---|---|---|---|---|---|']
+  for r in doc['records']:
+    h, w, c = r['shape']
+    lines.append(f'| {h}×{w}×{c} | {r["lax_ms"]:.1f} | {r["im2col_ms"]:.1f} | '
+                 f'{r["im2col_over_lax"]:.2f} | {r["lax_gflops"]:.1f} | '
+                 f'{r["im2col_gflops"]:.1f} | {r["library_form"]} |')
+  return '\n'.join(lines) + '\n'
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--shapes', default=SHAPES, help='comma-separated HxWxC maps')
+  p.add_argument('--batch_size', type=int, default=128)
+  p.add_argument('--steps', type=int, default=3)
+  p.add_argument('--rounds', type=int, default=3)
+  p.add_argument('--out', help='JSON path; the markdown goes next to it (.md)')
+  args = p.parse_args(argv)
+  try:
+    shapes = [tuple(int(d) for d in s.split('x')) for s in args.shapes.split(',')]
+    if any(len(s) != 3 or min(s) < 1 for s in shapes):
+      raise ValueError
+  except ValueError:
+    p.error(f'--shapes={args.shapes!r}: give HxWxC maps, e.g. 2x2x512,8x8x256')
+  load0 = os.getloadavg()[0]
+  records = [measure(s, args.batch_size, args.steps, args.rounds) for s in shapes]
+  argv = sys.argv[1:] if argv is None else list(argv)
+  doc = {'command': shlex.join(['python', '-m', 'benchmarks.conv', *argv]),
+         'machine': machine_info(), 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+         'load': [load0, os.getloadavg()[0]], 'tiny_map': layers.TINY_MAP, 'records': records}
+  md = markdown(doc)
+  print(md)
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+      json.dump(doc, f, indent=1)
+    with open(os.path.splitext(args.out)[0] + '.md', 'w') as f:
+      f.write(md)
+  return doc
+
+
+if __name__ == '__main__':
+  main()
