@@ -15,6 +15,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   #                           fraction 0 < r < 1 of full rank; full rank: overrides '*:full,...'
   m.overrides = 'conv1:dense,head:dense'  # 'layer:rank|full|dense', comma separated, last wins
   m.split = 'channel'        # conv factorisation: spatial (kh×1 then 1×kw) | channel (kh×kw then 1×1)
+  m.conv_execution = 'factored'  # factored convs: factored (two thin convs) | kernel (rebuilt, one conv)
   m.act = 'tanh'             # relu | tanh | gelu | silu | leaky_relu (tanh trains better under DFA)
   m.kwargs = ml_collections.ConfigDict()  # extra constructor args, e.g. widths=(8, 16, 32);
   #                           small_conv: norm='batch' (BN after each conv, the LLS SmallConv)

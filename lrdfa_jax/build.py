@@ -62,6 +62,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ConfigError(f'rank.floor={r.floor}: an int rank >= 1 or a fraction in (0, 1).')
   if config.train.get('max_loss', 0.0) < 0:
     raise ConfigError('train.max_loss must be >= 0 (0: 20 × the chance loss ln(classes)).')
+  if config.model.get('conv_execution', 'factored') not in layers.CONV_EXECUTIONS:
+    raise ConfigError(f'unknown model.conv_execution {config.model.conv_execution!r}; choose '
+                      f'one of {layers.CONV_EXECUTIONS}.')
   if config.dfa.align not in dfa.ALIGNMENTS:
     raise ConfigError(f'unknown dfa.align {config.dfa.align!r}; choose one of {dfa.ALIGNMENTS}.')
   d = config.dfa
@@ -142,7 +145,9 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, rank_overri
       overrides.pop(name, None)  # re-inserted last: the last matching pattern wins
       overrides[name] = r
   return models.build_model(m.name, num_classes=num_classes, rank=rank, overrides=overrides,
-                            split=m.split, act=m.act, **m.kwargs.to_dict())
+                            split=m.split, act=m.act,
+                            conv_execution=m.get('conv_execution', 'factored'),
+                            **m.kwargs.to_dict())
 
 
 def parse_overrides(text: str) -> dict[str, Any]:

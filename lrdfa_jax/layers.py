@@ -37,6 +37,7 @@ _DN = ('NHWC', 'HWIO', 'NHWC')
 # Measured on this project's 2-core CPU, 3×3 conv forward + both gradients at batch 128:
 # 2×2×512 7.8 s -> 0.13 s, 4×4×512 0.71 -> 0.57 s (benchmarks/results/cpu_tiny_map_conv.md).
 TINY_MAP = 16
+CONV_EXECUTIONS = ('factored', 'kernel')  # SVDConv: two thin convs, or the rebuilt kernel
 
 
 def _unit(x) -> bool:
@@ -225,6 +226,10 @@ class SVDConv(nn.Module):
 
   Params: spatial split ``v [kh·Cin, r]``, ``u [kw·Cout, r]``; channel split
   ``v [kh·kw·Cin, r]``, ``u [Cout, r]``; plus ``s [r]`` and ``bias [Cout]``.
+
+  ``execution``: ``'factored'`` runs the two thin convs; ``'kernel'`` rebuilds the dense
+  kernel ``V diag(s) Uᵀ`` each call and runs one conv (more FLOPs, but XLA:CPU runs convs to
+  few channels slowly; the params and their gradients are the same up to float rounding).
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
@@ -232,6 +237,7 @@ class SVDConv(nn.Module):
   strides: Sequence[int] = (1, 1)
   padding: Padding = 'SAME'
   split: str = 'spatial'
+  execution: str = 'factored'
   use_bias: bool = True
   kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
   bias_init: Callable[..., Array] = nn.initializers.zeros_init()
@@ -239,8 +245,9 @@ class SVDConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     return svd_conv(self, x, self.features, self.kernel_size, self.rank, strides=self.strides,
-                    padding=self.padding, split=self.split, use_bias=self.use_bias,
-                    kernel_init=self.kernel_init, bias_init=self.bias_init)
+                    padding=self.padding, split=self.split, execution=self.execution,
+                    use_bias=self.use_bias, kernel_init=self.kernel_init,
+                    bias_init=self.bias_init)
 
 
 def svd_dense(module: nn.Module, x: Array, features: int, rank: Rank, *, use_bias: bool = True,
@@ -267,11 +274,13 @@ def svd_dense(module: nn.Module, x: Array, features: int, rank: Rank, *, use_bia
 
 def svd_conv(module: nn.Module, x: Array, features: int, kernel_size: Sequence[int], rank: Rank,
              *, strides: Sequence[int] = (1, 1), padding: Padding = 'SAME',
-             split: str = 'spatial', use_bias: bool = True,
+             split: str = 'spatial', execution: str = 'factored', use_bias: bool = True,
              kernel_init: Callable[..., Array] = nn.initializers.lecun_normal(),
              bias_init: Callable[..., Array] = nn.initializers.zeros_init(),
              param_dtype: Any = jnp.float32) -> Array:
   """:class:`SVDConv`'s forward, creating its params in ``module``'s scope (see :func:`svd_dense`)."""
+  if execution not in CONV_EXECUTIONS:
+    raise ValueError(f'conv execution must be one of {CONV_EXECUTIONS}, got {execution!r}.')
   kh, kw = kernel_size
   cin = x.shape[-1]
   shape = (kh, kw, cin, features)
@@ -284,7 +293,9 @@ def svd_conv(module: nn.Module, x: Array, features: int, kernel_size: Sequence[i
   u, s_R, v, bias = _spectral_factors(module, init, features=features, use_bias=use_bias,
                                       bias_init=bias_init, param_dtype=param_dtype)
   sh, sw = strides
-  if split == 'spatial':
+  if execution == 'kernel':
+    y = _conv(x, rebuild_conv_kernel(u, s_R, v, kernel_size, split), strides, padding)
+  elif split == 'spatial':
     pad_h, pad_w = _split_padding(padding)
     k1 = v.reshape(kh, 1, cin, r)                                 # kh×1: Cin -> r
     k2 = u.reshape(1, kw, features, r).transpose(0, 1, 3, 2)      # 1×kw: r -> Cout

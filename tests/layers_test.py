@@ -159,3 +159,32 @@ def _walk(eqns):
         inner = getattr(sub, 'jaxpr', None)
         if inner is not None:
           yield from _walk(getattr(inner, 'eqns', []) or getattr(sub, 'eqns', []))
+
+
+@pytest.mark.parametrize('split', ['spatial', 'channel'])
+@pytest.mark.parametrize('strides,padding', [((1, 1), 'SAME'), ((2, 2), ((1, 1), (0, 1)))])
+def test_rebuilt_kernel_execution_has_the_factored_output_and_gradients(split, strides, padding):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 6))
+  kw = dict(features=8, kernel_size=(3, 3), rank=3, strides=strides, padding=padding,
+            split=split)
+  factored = layers.SVDConv(**kw)
+  p = factored.init(jax.random.key(1), x)
+  p = {'params': {**p['params'], 'bias': jnp.arange(8.0) / 8}}
+  rebuilt = layers.SVDConv(**kw, execution='kernel')
+
+  def run(layer):
+    def loss(params):
+      y = layer.apply({'params': params}, x)
+      return jnp.sum(jnp.tanh(y)), y
+    return jax.value_and_grad(loss, has_aux=True)(p['params'])
+  (_, y_f), g_f = run(factored)
+  (_, y_k), g_k = run(rebuilt)
+  np.testing.assert_allclose(y_k, y_f, rtol=1e-5, atol=1e-5)
+  for leaf in ('u', 's', 'v', 'bias'):
+    np.testing.assert_allclose(g_k[leaf], g_f[leaf], rtol=1e-4, atol=1e-5)
+  # one conv with the dense kernel's shape, not two thin ones
+  convs = [e for e in jax.make_jaxpr(lambda x: rebuilt.apply(p, x))(x).eqns
+           if e.primitive.name == 'conv_general_dilated']
+  assert [e.invars[1].aval.shape for e in convs] == [(3, 3, 6, 8)]
+  with pytest.raises(ValueError, match="conv execution must be one of"):
+    layers.SVDConv(**kw, execution='fast').init(jax.random.key(1), x)

@@ -58,11 +58,13 @@ def _fields(fn) -> Mapping[str, Any]:
 
 def build_model(name: str, *, num_classes: int, rank: layers.Rank | None = None,
                 overrides: Mapping[str, Any] | None = None, split: str = 'spatial',
-                act: str = 'relu', **model_kwargs) -> nn.Module:
+                act: str = 'relu', conv_execution: str = 'factored',
+                **model_kwargs) -> nn.Module:
   """Builds a model by name; ``rank=None`` for the dense model, else SVD layers at ``rank``.
 
   ``overrides`` maps layer-name patterns to a rank or ``'dense'`` (:func:`layer_rank`);
   ``model_kwargs`` go to the constructor (e.g. ``width=0.25``, ``shortcut='conv'``).
+  ``conv_execution``: how factored convs run (:class:`lrdfa_jax.layers.SVDConv`).
   """
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}.')
@@ -75,7 +77,11 @@ def build_model(name: str, *, num_classes: int, rank: layers.Rank | None = None,
                      f'{sorted(set(fields) - {"parent", "name", "conv", "dense", "act"})}.')
   dense = layer_factory(layers.SVDDense, nn.Dense, rank, overrides)
   dense_conv = functools.partial(nn.Conv, conv_general_dilated=layers.conv_general_dilated)
-  conv = layer_factory(layers.SVDConv, dense_conv, rank, overrides, split=split)
+  if conv_execution not in layers.CONV_EXECUTIONS:
+    raise ValueError(f'unknown conv execution {conv_execution!r}; choose one of '
+                     f'{layers.CONV_EXECUTIONS}.')
+  conv = layer_factory(layers.SVDConv, dense_conv, rank, overrides, split=split,
+                       execution=conv_execution)
   kwargs = dict(num_classes=num_classes, dense=dense, act=ACTIVATIONS[act], **model_kwargs)
   if 'conv' in fields:
     kwargs['conv'] = conv
