@@ -7,10 +7,10 @@ Command (writes ``OUT.json`` and ``OUT.md``)::
 For each ``HxWxC`` map (batch ``--batch_size``, a 3×3 stride-1 SAME conv from C to C channels)
 the forward and both gradients (input and kernel: one training step's conv work) are jitted
 in both forms: ``lax.conv_general_dilated`` and :func:`lrdfa_jax.layers.conv_general_dilated`'s
-im2col form (forced by raising ``TINY_MAP`` for the trace). The two run interleaved,
+im2col form (forced with ``max_positions``). The two run interleaved,
 ``--rounds`` × ``--steps`` calls each after a warm-up, and the median times are compared in the
-same process. ``layers.TINY_MAP`` sends a conv to im2col when its output has at most that many
-positions; the table marks which form the library picks for each shape.
+same process. ``model.im2col_positions`` (default ``layers.TINY_MAP``) sends a conv to im2col
+when its output has at most that many positions; the table marks the default's pick per shape.
 """
 from __future__ import annotations
 
@@ -34,12 +34,13 @@ DN = ('NHWC', 'HWIO', 'NHWC')
 SHAPES = '2x2x512,4x4x512,8x8x256,16x16x128,32x32x64,32x32x16'
 
 
-def _step(form: str):
+def _step(form: str, positions: int):
   def loss(x, k):
     if form == 'lax':
       y = jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=DN)
-    else:
-      y = layers.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=DN)
+    else:  # the im2col form, forced for this map
+      y = layers.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=DN,
+                                      max_positions=positions)
     return jnp.sum(y * y)
   return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
@@ -48,13 +49,9 @@ def measure(shape: tuple[int, int, int], batch_size: int, steps: int, rounds: in
   h, w, c = shape
   x = jax.random.normal(jax.random.key(0), (batch_size, h, w, c))
   k = jax.random.normal(jax.random.key(1), (3, 3, c, c)) / np.sqrt(9 * c)
-  saved, layers.TINY_MAP = layers.TINY_MAP, h * w  # force the im2col form for this shape
-  try:
-    fns = {'lax': _step('lax'), 'im2col': _step('im2col')}
-    for f in fns.values():
-      jax.block_until_ready(f(x, k))  # compile (under the forced threshold) and warm up
-  finally:
-    layers.TINY_MAP = saved
+  fns = {'lax': _step('lax', 0), 'im2col': _step('im2col', h * w)}
+  for f in fns.values():
+    jax.block_until_ready(f(x, k))  # compile and warm up
   times = {name: [] for name in fns}
   for r in range(rounds):
     for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
@@ -79,7 +76,7 @@ def markdown(doc: dict) -> str:
            f'3×3 stride-1 SAME conv, C → C channels, batch {doc["records"][0]["batch_size"]}: '
            'forward + input gradient + kernel gradient, median of interleaved calls. '
            f'The library runs a conv as im2col when its output has ≤ {doc["tiny_map"]} '
-           'positions (`layers.TINY_MAP`).', '',
+           'positions (`model.im2col_positions`, default `layers.TINY_MAP`).', '',
            '| map | lax ms | im2col ms | im2col ÷ lax | lax GFLOP/s | im2col GFLOP/s | '
            'library picks |', '|---|---|---|---|---|---|---|']
   for r in doc['records']:

@@ -20,6 +20,7 @@ conv runs a 3×3 conv on 2×2 maps at ~0.3 GFLOP/s (VGG-13's stage 5; benchmarks
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -40,20 +41,63 @@ TINY_MAP = 16
 CONV_EXECUTIONS = ('factored', 'kernel')  # SVDConv: two thin convs, or the rebuilt kernel
 
 
+KERNEL_GRADS = ('xla', 'gemm')  # a conv's kernel gradient: XLA's, or kh·kw shifted GEMMs
+
+
 def _unit(x) -> bool:
   return x is None or all(int(d) == 1 for d in x)
+
+
+def _kernel_grad_gemm(x: Array, dy: Array, kernel_shape, strides, pads) -> Array:
+  """``∂L/∂K`` of a NHWC/HWIO conv as ``kh·kw`` GEMMs ``x_shiftedᵀ dy`` over batch and space.
+
+  Same value as the conv's own kernel gradient; no im2col buffer is kept (each shifted slice
+  is read once), so it costs no memory beyond the conv's saved input.
+  """
+  kh, kw, cin, cout = kernel_shape
+  sh, sw = strides
+  _, ho, wo, _ = dy.shape
+  xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+  dy_PxO = dy.reshape(-1, cout)
+  rows = [jnp.stack([xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
+                     .reshape(-1, cin).T @ dy_PxO for j in range(kw)]) for i in range(kh)]
+  return jnp.stack(rows)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_gemm_kernel_grad(x: Array, kernel: Array, strides, pads) -> Array:
+  return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN)
+
+
+def _conv_gemm_fwd(x, kernel, strides, pads):
+  return _conv_gemm_kernel_grad(x, kernel, strides, pads), (x, kernel)
+
+
+def _conv_gemm_bwd(strides, pads, res, dy):
+  x, kernel = res
+  input_transpose = jax.linear_transpose(  # the conv is linear in x: no forward recompute
+      lambda x: lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN), x)
+  (dx,) = input_transpose(dy)
+  return dx, _kernel_grad_gemm(x, dy, kernel.shape, strides, pads).astype(kernel.dtype)
+
+
+_conv_gemm_kernel_grad.defvjp(_conv_gemm_fwd, _conv_gemm_bwd)
 
 
 def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], padding,
                          lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
                          feature_group_count: int = 1, batch_group_count: int = 1,
-                         precision=None, preferred_element_type=None) -> Array:
+                         precision=None, preferred_element_type=None, *,
+                         max_positions: int = TINY_MAP, kernel_grad: str = 'xla') -> Array:
   """``lax.conv_general_dilated``, run as im2col + one matmul when the output map is tiny.
 
   Same signature (``nn.Conv(conv_general_dilated=...)`` takes it) and the same result up to
   float rounding; its gradients are those of slices and a matmul. The im2col form is taken for
-  NHWC/HWIO 2-D convs without dilation or groups whose output has ≤ ``TINY_MAP`` positions;
-  everything else goes to ``lax.conv_general_dilated`` unchanged.
+  NHWC/HWIO 2-D convs without dilation or groups whose output has ≤ ``max_positions``
+  positions (``model.im2col_positions``; 0 never); everything else goes to
+  ``lax.conv_general_dilated``. With ``kernel_grad='gemm'`` (``model.conv_kernel_grad``) such a
+  conv's kernel gradient is computed as ``kh·kw`` GEMMs (:func:`_kernel_grad_gemm`): XLA:CPU's
+  weight-gradient convolution runs 1.5–4× slower than that (benchmarks/results/cpu_conv.md).
   """
   def plain():
     return lax.conv_general_dilated(
@@ -74,7 +118,11 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
   (pt, pb), (pl, pr) = pads
   ho = (lhs.shape[1] + pt + pb - kh) // sh + 1
   wo = (lhs.shape[2] + pl + pr - kw) // sw + 1
-  if ho * wo > TINY_MAP or min(pt, pb, pl, pr) < 0:
+  if min(pt, pb, pl, pr) < 0:
+    return plain()
+  if ho * wo > max_positions:
+    if kernel_grad == 'gemm' and precision is None and preferred_element_type is None:
+      return _conv_gemm_kernel_grad(lhs, rhs, (sh, sw), ((pt, pb), (pl, pr)))
     return plain()
   x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
   cols = jnp.concatenate([x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
@@ -173,10 +221,12 @@ def _split_padding(padding: Padding) -> tuple[Padding, Padding]:
   return [tuple(ph), (0, 0)], [(0, 0), tuple(pw)]
 
 
-def _conv(x: Array, kernel: Array, strides, padding) -> Array:
+def _conv(x: Array, kernel: Array, strides, padding, max_positions: int = TINY_MAP,
+          kernel_grad: str = 'xla') -> Array:
   if isinstance(padding, str):
     padding = padding.upper()
-  return conv_general_dilated(x, kernel, tuple(strides), padding, dimension_numbers=_DN)
+  return conv_general_dilated(x, kernel, tuple(strides), padding, dimension_numbers=_DN,
+                              max_positions=max_positions, kernel_grad=kernel_grad)
 
 
 def _spectral_factors(module: nn.Module, init_fn: Callable[[], dict[str, Array]], *,
@@ -227,6 +277,7 @@ class SVDConv(nn.Module):
   Params: spatial split ``v [kh·Cin, r]``, ``u [kw·Cout, r]``; channel split
   ``v [kh·kw·Cin, r]``, ``u [Cout, r]``; plus ``s [r]`` and ``bias [Cout]``.
 
+  ``im2col_positions``, ``kernel_grad``: see :func:`conv_general_dilated`.
   ``execution``: ``'factored'`` runs the two thin convs; ``'kernel'`` rebuilds the dense
   kernel ``V diag(s) Uᵀ`` each call and runs one conv (more FLOPs, but XLA:CPU runs convs to
   few channels slowly; the params and their gradients are the same up to float rounding).
@@ -238,6 +289,8 @@ class SVDConv(nn.Module):
   padding: Padding = 'SAME'
   split: str = 'spatial'
   execution: str = 'factored'
+  im2col_positions: int = TINY_MAP
+  kernel_grad: str = 'xla'
   use_bias: bool = True
   kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
   bias_init: Callable[..., Array] = nn.initializers.zeros_init()
@@ -246,6 +299,7 @@ class SVDConv(nn.Module):
   def __call__(self, x: Array) -> Array:
     return svd_conv(self, x, self.features, self.kernel_size, self.rank, strides=self.strides,
                     padding=self.padding, split=self.split, execution=self.execution,
+                    im2col_positions=self.im2col_positions, kernel_grad=self.kernel_grad,
                     use_bias=self.use_bias, kernel_init=self.kernel_init,
                     bias_init=self.bias_init)
 
@@ -274,7 +328,9 @@ def svd_dense(module: nn.Module, x: Array, features: int, rank: Rank, *, use_bia
 
 def svd_conv(module: nn.Module, x: Array, features: int, kernel_size: Sequence[int], rank: Rank,
              *, strides: Sequence[int] = (1, 1), padding: Padding = 'SAME',
-             split: str = 'spatial', execution: str = 'factored', use_bias: bool = True,
+             split: str = 'spatial', execution: str = 'factored',
+             im2col_positions: int = TINY_MAP, kernel_grad: str = 'xla',
+             use_bias: bool = True,
              kernel_init: Callable[..., Array] = nn.initializers.lecun_normal(),
              bias_init: Callable[..., Array] = nn.initializers.zeros_init(),
              param_dtype: Any = jnp.float32) -> Array:
@@ -294,16 +350,17 @@ def svd_conv(module: nn.Module, x: Array, features: int, kernel_size: Sequence[i
                                       bias_init=bias_init, param_dtype=param_dtype)
   sh, sw = strides
   if execution == 'kernel':
-    y = _conv(x, rebuild_conv_kernel(u, s_R, v, kernel_size, split), strides, padding)
+    y = _conv(x, rebuild_conv_kernel(u, s_R, v, kernel_size, split), strides, padding,
+              im2col_positions, kernel_grad)
   elif split == 'spatial':
     pad_h, pad_w = _split_padding(padding)
     k1 = v.reshape(kh, 1, cin, r)                                 # kh×1: Cin -> r
     k2 = u.reshape(1, kw, features, r).transpose(0, 1, 3, 2)      # 1×kw: r -> Cout
-    y = _conv(x, k1, (sh, 1), pad_h) * s_R
-    y = _conv(y, k2, (1, sw), pad_w)
+    y = _conv(x, k1, (sh, 1), pad_h, im2col_positions, kernel_grad) * s_R
+    y = _conv(y, k2, (1, sw), pad_w, im2col_positions, kernel_grad)
   else:
     k1 = v.reshape(kh, kw, cin, r)
-    y = _conv(x, k1, (sh, sw), padding) * s_R
+    y = _conv(x, k1, (sh, sw), padding, im2col_positions, kernel_grad) * s_R
     y = y @ u.T                                                   # 1×1: r -> Cout
   return y if bias is None else y + bias
 

@@ -139,16 +139,20 @@ def test_large_maps_and_grouped_convs_keep_lax_conv():
 
 
 def test_zoo_convs_take_the_im2col_form_on_tiny_maps():
-  """VGG-13's stage-5 convs (2×2 maps) run as matmuls, dense (bp) and factored alike."""
+  """VGG-13's stage-4/5 convs (4×4, 2×2 maps) run as matmuls, dense (bp) and factored alike;
+  ``im2col_positions=0`` keeps every conv a conv."""
   from lrdfa_jax import models
   x = jnp.zeros((1, 32, 32, 3))
   for rank in (None, 0.25):
-    m = models.build_model('vgg13', num_classes=10, rank=rank, width=0.125)
-    v = m.init(jax.random.key(0), x, train=False)
-    eqns = jax.make_jaxpr(lambda v: m.apply(v, x, train=False))(v).eqns
-    convs = [e for e in _walk(eqns) if e.primitive.name == 'conv_general_dilated']
-    maps = {e.outvars[0].aval.shape[1] * e.outvars[0].aval.shape[2] for e in convs}
-    assert sorted(maps) == [8 * 8, 16 * 16, 32 * 32], rank  # stages 4 and 5 (4×4, 2×2): matmuls
+    for positions, want in ((layers.TINY_MAP, [8 * 8, 16 * 16, 32 * 32]),
+                            (0, [2 * 2, 4 * 4, 8 * 8, 16 * 16, 32 * 32])):
+      m = models.build_model('vgg13', num_classes=10, rank=rank, width=0.125,
+                             im2col_positions=positions)
+      v = m.init(jax.random.key(0), x, train=False)
+      eqns = jax.make_jaxpr(lambda v: m.apply(v, x, train=False))(v).eqns
+      convs = [e for e in _walk(eqns) if e.primitive.name == 'conv_general_dilated']
+      maps = {e.outvars[0].aval.shape[1] * e.outvars[0].aval.shape[2] for e in convs}
+      assert sorted(maps) == want, (rank, positions)
 
 
 def _walk(eqns):
@@ -188,3 +192,47 @@ def test_rebuilt_kernel_execution_has_the_factored_output_and_gradients(split, s
   assert [e.invars[1].aval.shape for e in convs] == [(3, 3, 6, 8)]
   with pytest.raises(ValueError, match="conv execution must be one of"):
     layers.SVDConv(**kw, execution='fast').init(jax.random.key(1), x)
+
+
+@pytest.mark.parametrize('hw,kernel,strides,padding', [
+    ((9, 9), (3, 3), (1, 1), 'SAME'), ((10, 7), (3, 1), (2, 1), ((1, 1), (0, 0))),
+    ((8, 8), (1, 1), (1, 1), 'VALID'), ((11, 11), (3, 3), (2, 2), ((1, 0), (0, 1)))])
+def test_gemm_kernel_gradient_equals_xlas(hw, kernel, strides, padding):
+  x = jax.random.normal(jax.random.key(0), (3, *hw, 5))
+  k = jax.random.normal(jax.random.key(1), (*kernel, 5, 4))
+  dn = ('NHWC', 'HWIO', 'NHWC')
+
+  def run(conv):
+    def loss(x, k):
+      y = conv(x, k)
+      return jnp.sum(jnp.sin(y)), y
+    return jax.value_and_grad(loss, (0, 1), has_aux=True)(x, k)
+  (_, want), g_want = run(lambda x, k: jax.lax.conv_general_dilated(
+      x, k, strides, padding, dimension_numbers=dn))
+  gemm = lambda x, k: layers.conv_general_dilated(x, k, strides, padding, dimension_numbers=dn,
+                                                  max_positions=0, kernel_grad='gemm')
+  (_, got), g_got = run(gemm)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for a, b in zip(g_got, g_want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # the backward has no conv writing a kernel-shaped gradient: that one is matmuls
+  bwd = jax.make_jaxpr(jax.grad(lambda k: jnp.sum(gemm(x, k))))(k)
+  kernel_convs = [e for e in _walk(bwd.eqns) if e.primitive.name == 'conv_general_dilated'
+                  and e.outvars[0].aval.shape == k.shape]
+  assert not kernel_convs
+
+
+def test_models_take_the_kernel_gradient_option():
+  from lrdfa_jax import models
+  with pytest.raises(ValueError, match='unknown conv kernel gradient'):
+    models.build_model('small_conv', num_classes=4, conv_kernel_grad='fast')
+  x = jnp.ones((2, 8, 8, 3))
+  grads = {}
+  for how in ('xla', 'gemm'):
+    m = models.build_model('small_conv', num_classes=4, rank=0.5, widths=(4, 8, 8), hidden=8,
+                           conv_kernel_grad=how, overrides={'conv1': 'dense'})
+    v = m.init(jax.random.key(0), x, train=False)
+    grads[how] = jax.grad(lambda p: jnp.sum(m.apply({'params': p}, x, train=False)[0] ** 2))(
+        v['params'])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads['gemm'], grads['xla'])

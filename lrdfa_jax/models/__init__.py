@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 
 from lrdfa_jax import layers
 from lrdfa_jax.models.common import (ACTIVATIONS, INPUT_LAYERS, OUTPUT_LAYERS, avg_pool_2x2,
@@ -59,12 +60,16 @@ def _fields(fn) -> Mapping[str, Any]:
 def build_model(name: str, *, num_classes: int, rank: layers.Rank | None = None,
                 overrides: Mapping[str, Any] | None = None, split: str = 'spatial',
                 act: str = 'relu', conv_execution: str = 'factored',
+                im2col_positions: int = layers.TINY_MAP, conv_kernel_grad: str = 'auto',
                 **model_kwargs) -> nn.Module:
   """Builds a model by name; ``rank=None`` for the dense model, else SVD layers at ``rank``.
 
   ``overrides`` maps layer-name patterns to a rank or ``'dense'`` (:func:`layer_rank`);
   ``model_kwargs`` go to the constructor (e.g. ``width=0.25``, ``shortcut='conv'``).
-  ``conv_execution``: how factored convs run (:class:`lrdfa_jax.layers.SVDConv`).
+  ``conv_execution``: how factored convs run (:class:`lrdfa_jax.layers.SVDConv`);
+  ``im2col_positions``: convs with at most this many output positions run as im2col + matmul
+  (:func:`lrdfa_jax.layers.conv_general_dilated`), dense and factored alike;
+  ``conv_kernel_grad``: ``'gemm'``, ``'xla'`` or ``'auto'`` (gemm on CPU, XLA's elsewhere).
   """
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}.')
@@ -76,12 +81,20 @@ def build_model(name: str, *, num_classes: int, rank: layers.Rank | None = None,
     raise ValueError(f'model {name!r} takes no argument(s) {sorted(unknown)}; it takes '
                      f'{sorted(set(fields) - {"parent", "name", "conv", "dense", "act"})}.')
   dense = layer_factory(layers.SVDDense, nn.Dense, rank, overrides)
-  dense_conv = functools.partial(nn.Conv, conv_general_dilated=layers.conv_general_dilated)
+  if conv_kernel_grad == 'auto':
+    conv_kernel_grad = 'gemm' if jax.default_backend() == 'cpu' else 'xla'
+  if conv_kernel_grad not in layers.KERNEL_GRADS:
+    raise ValueError(f'unknown conv kernel gradient {conv_kernel_grad!r}; choose one of '
+                     f"{layers.KERNEL_GRADS} or 'auto'.")
+  dense_conv = functools.partial(nn.Conv, conv_general_dilated=functools.partial(
+      layers.conv_general_dilated, max_positions=im2col_positions,
+      kernel_grad=conv_kernel_grad))
   if conv_execution not in layers.CONV_EXECUTIONS:
     raise ValueError(f'unknown conv execution {conv_execution!r}; choose one of '
                      f'{layers.CONV_EXECUTIONS}.')
   conv = layer_factory(layers.SVDConv, dense_conv, rank, overrides, split=split,
-                       execution=conv_execution)
+                       execution=conv_execution, im2col_positions=im2col_positions,
+                       kernel_grad=conv_kernel_grad)
   kwargs = dict(num_classes=num_classes, dense=dense, act=ACTIVATIONS[act], **model_kwargs)
   if 'conv' in fields:
     kwargs['conv'] = conv
