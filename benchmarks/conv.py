@@ -1,13 +1,14 @@
-r"""A conv as XLA's convolution or as im2col + one matmul, per shape: the ``layers.TINY_MAP`` choice.
+r"""A conv as XLA's convolution, with GEMM kernel gradients, or as im2col + one matmul, per shape.
 
 Command (writes ``OUT.json`` and ``OUT.md``)::
 
-  python -m benchmarks.conv --out=benchmarks/results/cpu_tiny_map_conv.json
+  python -m benchmarks.conv --out=benchmarks/results/cpu_conv.json
 
 For each ``HxWxC`` map (batch ``--batch_size``, a 3×3 stride-1 SAME conv from C to C channels)
 the forward and both gradients (input and kernel: one training step's conv work) are jitted
-in both forms: ``lax.conv_general_dilated`` and :func:`lrdfa_jax.layers.conv_general_dilated`'s
-im2col form (forced with ``max_positions``). The two run interleaved,
+in three forms: ``lax.conv_general_dilated``; the same with the kernel gradient as ``kh·kw``
+GEMMs (``layers.conv_general_dilated(kernel_grad='gemm')``); and the im2col form (forced with
+``max_positions``). They run interleaved,
 ``--rounds`` × ``--steps`` calls each after a warm-up, and the median times are compared in the
 same process. ``model.im2col_positions`` (default ``layers.TINY_MAP``) sends a conv to im2col
 when its output has at most that many positions; the table marks the default's pick per shape.
@@ -34,10 +35,16 @@ DN = ('NHWC', 'HWIO', 'NHWC')
 SHAPES = '2x2x512,4x4x512,8x8x256,16x16x128,32x32x64,32x32x16'
 
 
+FORMS = ('lax', 'gemm', 'im2col')
+
+
 def _step(form: str, positions: int):
   def loss(x, k):
     if form == 'lax':
       y = jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=DN)
+    elif form == 'gemm':  # XLA's conv and input gradient, the kernel gradient as GEMMs
+      y = layers.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=DN,
+                                      max_positions=0, kernel_grad='gemm')
     else:  # the im2col form, forced for this map
       y = layers.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=DN,
                                       max_positions=positions)
@@ -49,21 +56,22 @@ def measure(shape: tuple[int, int, int], batch_size: int, steps: int, rounds: in
   h, w, c = shape
   x = jax.random.normal(jax.random.key(0), (batch_size, h, w, c))
   k = jax.random.normal(jax.random.key(1), (3, 3, c, c)) / np.sqrt(9 * c)
-  fns = {'lax': _step('lax', 0), 'im2col': _step('im2col', h * w)}
+  fns = {form: _step(form, h * w) for form in FORMS}
   for f in fns.values():
     jax.block_until_ready(f(x, k))  # compile and warm up
   times = {name: [] for name in fns}
   for r in range(rounds):
-    for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+    for name in (list(fns)[r % 3:] + list(fns)[:r % 3]):  # the first form rotates
       for _ in range(steps):
         t = time.perf_counter()
         jax.block_until_ready(fns[name](x, k))
         times[name].append(time.perf_counter() - t)
   ms = {n: 1e3 * float(np.median(t)) for n, t in times.items()}
   flops = 3 * 2 * batch_size * h * w * 9 * c * c  # forward, input and kernel gradient
-  return {'shape': [h, w, c], 'batch_size': batch_size, 'lax_ms': ms['lax'],
-          'im2col_ms': ms['im2col'], 'im2col_over_lax': ms['im2col'] / ms['lax'],
-          'lax_gflops': flops / ms['lax'] / 1e6, 'im2col_gflops': flops / ms['im2col'] / 1e6,
+  return {'shape': [h, w, c], 'batch_size': batch_size,
+          **{f'{f}_ms': ms[f] for f in FORMS},
+          **{f'{f}_over_lax': ms[f] / ms['lax'] for f in FORMS if f != 'lax'},
+          **{f'{f}_gflops': flops / ms[f] / 1e6 for f in FORMS},
           'library_form': 'im2col' if h * w <= layers.TINY_MAP else 'lax'}
 
 
@@ -77,13 +85,19 @@ def markdown(doc: dict) -> str:
            'forward + input gradient + kernel gradient, median of interleaved calls. '
            f'The library runs a conv as im2col when its output has ≤ {doc["tiny_map"]} '
            'positions (`model.im2col_positions`, default `layers.TINY_MAP`).', '',
-           '| map | lax ms | im2col ms | im2col ÷ lax | lax GFLOP/s | im2col GFLOP/s | '
-           'library picks |', '|---|---|---|---|---|---|---|']
+           'Forms: `lax` is XLA\'s conv with its own gradients; `gemm` the same conv and input '
+           'gradient with the kernel gradient as 9 shifted GEMMs (`model.conv_kernel_grad=gemm`); '
+           '`im2col` one matmul on the stacked shifted maps. "library picks": the default '
+           'config\'s form.', '',
+           '| map | lax ms | gemm ms | im2col ms | gemm ÷ lax | im2col ÷ lax | lax GFLOP/s | '
+           'gemm GFLOP/s | im2col GFLOP/s | library picks |',
+           '|---|---|---|---|---|---|---|---|---|---|']
   for r in doc['records']:
     h, w, c = r['shape']
-    lines.append(f'| {h}×{w}×{c} | {r["lax_ms"]:.1f} | {r["im2col_ms"]:.1f} | '
+    lines.append(f'| {h}×{w}×{c} | {r["lax_ms"]:.1f} | {r["gemm_ms"]:.1f} | '
+                 f'{r["im2col_ms"]:.1f} | {r["gemm_over_lax"]:.2f} | '
                  f'{r["im2col_over_lax"]:.2f} | {r["lax_gflops"]:.1f} | '
-                 f'{r["im2col_gflops"]:.1f} | {r["library_form"]} |')
+                 f'{r["gemm_gflops"]:.1f} | {r["im2col_gflops"]:.1f} | {r["library_form"]} |')
   return '\n'.join(lines) + '\n'
 
 

@@ -36,7 +36,7 @@ Padding = str | Sequence[tuple[int, int]]
 _DN = ('NHWC', 'HWIO', 'NHWC')
 # Output positions (H·W) at or below which a conv runs as im2col + matmul: 4×4 and smaller.
 # Measured on this project's 2-core CPU, 3×3 conv forward + both gradients at batch 128:
-# 2×2×512 7.8 s -> 0.13 s, 4×4×512 0.71 -> 0.57 s (benchmarks/results/cpu_tiny_map_conv.md).
+# 2×2×512 7.8 s -> 0.13 s, 4×4×512 0.71 -> 0.57 s (benchmarks/results/cpu_conv.md).
 TINY_MAP = 16
 CONV_EXECUTIONS = ('factored', 'kernel')  # SVDConv: two thin convs, or the rebuilt kernel
 
@@ -96,8 +96,11 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
   NHWC/HWIO 2-D convs without dilation or groups whose output has ≤ ``max_positions``
   positions (``model.im2col_positions``; 0 never); everything else goes to
   ``lax.conv_general_dilated``. With ``kernel_grad='gemm'`` (``model.conv_kernel_grad``) such a
-  conv's kernel gradient is computed as ``kh·kw`` GEMMs (:func:`_kernel_grad_gemm`): XLA:CPU's
-  weight-gradient convolution runs 1.5–4× slower than that (benchmarks/results/cpu_conv.md).
+  conv's kernel gradient is computed as ``kh·kw`` GEMMs (:func:`_kernel_grad_gemm`). On one conv
+  XLA:CPU's weight-gradient convolution is 1.5–4× slower than that, and VGG-13's bp step runs
+  1.7× faster with it; but the shifted slices raise temp memory (VGG-13 bp 1.8×, ResNet-32
+  2.6×) and ResNet-32's step gets slower, so XLA's stays the default
+  (benchmarks/results/summary.md).
   """
   def plain():
     return lax.conv_general_dilated(

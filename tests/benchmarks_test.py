@@ -122,8 +122,9 @@ def test_conv_benchmark_compares_both_forms_and_marks_the_library_choice(tmp_pat
   small, large = doc['records']
   assert (small['library_form'], large['library_form']) == ('im2col', 'lax')
   for r in doc['records']:
-    assert r['lax_ms'] > 0 and r['im2col_ms'] > 0
+    assert r['lax_ms'] > 0 and r['im2col_ms'] > 0 and r['gemm_ms'] > 0
     assert np.isclose(r['im2col_over_lax'], r['im2col_ms'] / r['lax_ms'])
+    assert np.isclose(r['gemm_over_lax'], r['gemm_ms'] / r['lax_ms'])
   assert json.loads(out.read_text())['records'][0]['shape'] == [2, 2, 8]
   md = (tmp_path / 'conv.md').read_text()
   assert '| 2×2×8 |' in md and 'im2col |' in md and 'benchmarks.conv --shapes=2x2x8' in md
