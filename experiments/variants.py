@@ -80,10 +80,13 @@ BP_BLOCKS = ('conv1', 'conv2', 'conv3', 'fc1')
 for _b in BP_BLOCKS:
   VARIANTS[f'ssa_local_pred_bp_{_b}_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
                                             'dfa.bp_blocks': (_b,)}, False)
+# ... and every block by backprop: the ceiling of the diagnosis (svd_bp_bn with ssa's own terms)
+VARIANTS['ssa_local_pred_bp_all_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
+                                        'dfa.bp_blocks': BP_BLOCKS}, False)
 # an ablation's learning rate is its base variant's tuned one
 BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': 'svd_bp',
         'ssa_local_pred_wide_bn': 'ssa_local_pred_bn',
-        **{f'ssa_local_pred_bp_{b}_bn': 'ssa_local_pred_bn' for b in BP_BLOCKS},
+        **{f'ssa_local_pred_bp_{b}_bn': 'ssa_local_pred_bn' for b in (*BP_BLOCKS, 'all')},
         'ssa_channel_noalign': 'ssa_channel', 'ssa_channel_noorth': 'ssa_channel',
         **{f'{m}_{v}': m for m in ('ssa', 'svd_bp') for v in ('r8', 'reduce', 'reduce_hoyer', 'reduce_h01')}}
 
