@@ -72,7 +72,7 @@ def measure(shape: tuple[int, int, int], batch_size: int, steps: int, rounds: in
           **{f'{f}_ms': ms[f] for f in FORMS},
           **{f'{f}_over_lax': ms[f] / ms['lax'] for f in FORMS if f != 'lax'},
           **{f'{f}_gflops': flops / ms[f] / 1e6 for f in FORMS},
-          'library_form': 'im2col' if h * w <= layers.TINY_MAP else 'lax'}
+          'library_form': 'im2col' if h * w <= layers.TINY_MAP else 'gemm'}
 
 
 def markdown(doc: dict) -> str:
@@ -86,9 +86,9 @@ def markdown(doc: dict) -> str:
            f'The library runs a conv as im2col when its output has ≤ {doc["tiny_map"]} '
            'positions (`model.im2col_positions`, default `layers.TINY_MAP`).', '',
            'Forms: `lax` is XLA\'s conv with its own gradients; `gemm` the same conv and input '
-           'gradient with the kernel gradient as 9 shifted GEMMs (`model.conv_kernel_grad=gemm`); '
-           '`im2col` one matmul on the stacked shifted maps. "library picks": the default '
-           'config\'s form.', '',
+           'gradient with the kernel gradient as 9 shifted GEMMs (`model.conv_kernel_grad`, whose '
+           '`auto` default picks it on CPU); `im2col` one matmul on the stacked shifted maps. '
+           '"library picks": the default config\'s form on CPU.', '',
            '| map | lax ms | gemm ms | im2col ms | gemm ÷ lax | im2col ÷ lax | lax GFLOP/s | '
            'gemm GFLOP/s | im2col GFLOP/s | library picks |',
            '|---|---|---|---|---|---|---|---|---|---|']

@@ -17,7 +17,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   m.split = 'channel'        # conv factorisation: spatial (kh×1 then 1×kw) | channel (kh×kw then 1×1)
   m.conv_execution = 'factored'  # factored convs: factored (two thin convs) | kernel (rebuilt, one conv)
   m.im2col_positions = 16    # convs with <= this many output positions run as im2col + matmul
-  m.conv_kernel_grad = 'xla'  # conv kernel gradient: xla | gemm (kh·kw shifted GEMMs; VGG-13 on CPU)
+  m.conv_kernel_grad = 'auto'  # conv kernel gradient: xla | gemm (kh·kw GEMMs) | auto (gemm on CPU)
   m.act = 'tanh'             # relu | tanh | gelu | silu | leaky_relu (tanh trains better under DFA)
   m.kwargs = ml_collections.ConfigDict()  # extra constructor args, e.g. widths=(8, 16, 32);
   #                           small_conv: norm='batch' (BN after each conv, the LLS SmallConv)

@@ -36,7 +36,7 @@ Padding = str | Sequence[tuple[int, int]]
 _DN = ('NHWC', 'HWIO', 'NHWC')
 # Output positions (H·W) at or below which a conv runs as im2col + matmul: 4×4 and smaller.
 # Measured on this project's 2-core CPU, 3×3 conv forward + both gradients at batch 128:
-# 2×2×512 7.8 s -> 0.13 s, 4×4×512 0.71 -> 0.57 s (benchmarks/results/cpu_conv.md).
+# 2×2×512 6.3 s -> 0.11 s, 4×4×512 0.57 -> 0.55 s (benchmarks/results/cpu_conv.md).
 TINY_MAP = 16
 CONV_EXECUTIONS = ('factored', 'kernel')  # SVDConv: two thin convs, or the rebuilt kernel
 
@@ -51,17 +51,22 @@ def _unit(x) -> bool:
 def _kernel_grad_gemm(x: Array, dy: Array, kernel_shape, strides, pads) -> Array:
   """``∂L/∂K`` of a NHWC/HWIO conv as ``kh·kw`` GEMMs ``x_shiftedᵀ dy`` over batch and space.
 
-  Same value as the conv's own kernel gradient; no im2col buffer is kept (each shifted slice
-  is read once), so it costs no memory beyond the conv's saved input.
+  Same value as the conv's own kernel gradient. The GEMMs run one after another in a
+  ``lax.scan`` over the kernel offsets, so one shifted slice of ``x`` is alive at a time.
   """
   kh, kw, cin, cout = kernel_shape
   sh, sw = strides
-  _, ho, wo, _ = dy.shape
+  b, ho, wo, _ = dy.shape
   xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
   dy_PxO = dy.reshape(-1, cout)
-  rows = [jnp.stack([xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
-                     .reshape(-1, cin).T @ dy_PxO for j in range(kw)]) for i in range(kh)]
-  return jnp.stack(rows)
+  window = (b, (ho - 1) * sh + 1, (wo - 1) * sw + 1, cin)
+
+  def offset_gemm(carry, ij):
+    shifted = lax.dynamic_slice(xp, (0, ij[0], ij[1], 0), window)[:, ::sh, ::sw, :]
+    return carry, shifted.reshape(-1, cin).T @ dy_PxO
+  offsets = jnp.array([(i, j) for i in range(kh) for j in range(kw)], jnp.int32)
+  _, grads = lax.scan(offset_gemm, None, offsets)
+  return grads.reshape(kh, kw, cin, cout)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -95,12 +100,11 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
   float rounding; its gradients are those of slices and a matmul. The im2col form is taken for
   NHWC/HWIO 2-D convs without dilation or groups whose output has ≤ ``max_positions``
   positions (``model.im2col_positions``; 0 never); everything else goes to
-  ``lax.conv_general_dilated``. With ``kernel_grad='gemm'`` (``model.conv_kernel_grad``) such a
-  conv's kernel gradient is computed as ``kh·kw`` GEMMs (:func:`_kernel_grad_gemm`). On one conv
-  XLA:CPU's weight-gradient convolution is 1.5–4× slower than that, and VGG-13's bp step runs
-  1.7× faster with it; but the shifted slices raise temp memory (VGG-13 bp 1.8×, ResNet-32
-  2.6×) and ResNet-32's step gets slower, so XLA's stays the default
-  (benchmarks/results/summary.md).
+  ``lax.conv_general_dilated``. With ``kernel_grad='gemm'`` (``model.conv_kernel_grad``; its
+  ``auto`` default picks it on CPU) such a conv's kernel gradient is computed as ``kh·kw``
+  GEMMs (:func:`_kernel_grad_gemm`): on this project's CPU a 3×3 conv's forward + gradients
+  run 1.5–3.4× faster that way on maps of 8×8 and up, and a step's temp memory grows 4–6 %
+  (benchmarks/results/cpu_conv.md, summary.md).
   """
   def plain():
     return lax.conv_general_dilated(

@@ -325,7 +325,8 @@ def test_dfa_step_computes_no_input_gradient_between_blocks():
   """CIFAR ResNet: BP differentiates every conv's input but the stem's; DFA only the convs
   that feed another layer of the same block (each block's conv1 output goes through conv2)."""
   model = models.build_model('resnet20', num_classes=C, width=0.25, stage_sizes=(1, 1),
-                             widths=(16, 32), im2col_positions=0)  # every conv a convolution
+                             widths=(16, 32), im2col_positions=0,  # every conv a convolution
+                             conv_kernel_grad='xla')               # with XLA's own gradients
   x, y = _x(8), jnp.arange(B) % C
   variables = _variables(model, 8)
   taps = jax.eval_shape(lambda v: model.apply(v, x)[1], variables)

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 
 from lrdfa_jax import layers
 from lrdfa_jax.models.common import (ACTIVATIONS, INPUT_LAYERS, OUTPUT_LAYERS, avg_pool_2x2,
@@ -59,7 +60,7 @@ def _fields(fn) -> Mapping[str, Any]:
 def build_model(name: str, *, num_classes: int, rank: layers.Rank | None = None,
                 overrides: Mapping[str, Any] | None = None, split: str = 'spatial',
                 act: str = 'relu', conv_execution: str = 'factored',
-                im2col_positions: int = layers.TINY_MAP, conv_kernel_grad: str = 'xla',
+                im2col_positions: int = layers.TINY_MAP, conv_kernel_grad: str = 'auto',
                 **model_kwargs) -> nn.Module:
   """Builds a model by name; ``rank=None`` for the dense model, else SVD layers at ``rank``.
 
@@ -68,7 +69,8 @@ def build_model(name: str, *, num_classes: int, rank: layers.Rank | None = None,
   ``conv_execution``: how factored convs run (:class:`lrdfa_jax.layers.SVDConv`);
   ``im2col_positions``: convs with at most this many output positions run as im2col + matmul
   (:func:`lrdfa_jax.layers.conv_general_dilated`), dense and factored alike;
-  ``conv_kernel_grad``: ``'xla'`` or ``'gemm'`` (:func:`lrdfa_jax.layers.conv_general_dilated`).
+  ``conv_kernel_grad``: ``'xla'``, ``'gemm'`` or ``'auto'``: gemm on CPU, XLA's on accelerators
+  (:func:`lrdfa_jax.layers.conv_general_dilated`).
   """
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}.')
@@ -80,9 +82,11 @@ def build_model(name: str, *, num_classes: int, rank: layers.Rank | None = None,
     raise ValueError(f'model {name!r} takes no argument(s) {sorted(unknown)}; it takes '
                      f'{sorted(set(fields) - {"parent", "name", "conv", "dense", "act"})}.')
   dense = layer_factory(layers.SVDDense, nn.Dense, rank, overrides)
+  if conv_kernel_grad == 'auto':
+    conv_kernel_grad = 'gemm' if jax.default_backend() == 'cpu' else 'xla'
   if conv_kernel_grad not in layers.KERNEL_GRADS:
     raise ValueError(f'unknown conv kernel gradient {conv_kernel_grad!r}; choose one of '
-                     f'{layers.KERNEL_GRADS}.')
+                     f"{layers.KERNEL_GRADS} or 'auto'.")
   dense_conv = functools.partial(nn.Conv, conv_general_dilated=functools.partial(
       layers.conv_general_dilated, max_positions=im2col_positions,
       kernel_grad=conv_kernel_grad))
