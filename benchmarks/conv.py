@@ -16,7 +16,6 @@ when its output has at most that many positions; the table marks the default's p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -27,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.step import machine_info
+from benchmarks.step import machine_info, save_json_and_markdown
 from lrdfa_jax import layers
 
 DN = ('NHWC', 'HWIO', 'NHWC')
@@ -124,11 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   md = markdown(doc)
   print(md)
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-      json.dump(doc, f, indent=1)
-    with open(os.path.splitext(args.out)[0] + '.md', 'w') as f:
-      f.write(md)
+    save_json_and_markdown(args.out, doc, md)
   return doc
 
 

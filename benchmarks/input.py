@@ -25,7 +25,6 @@ in 4.3 h over 8 GPUs, flax/examples/imagenet/README.md; fp32 on V100 is 337/s).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -104,7 +103,7 @@ def main(argv=None) -> dict:
   threads = [int(t) for t in a.threads.split(',')]
   from PIL import __version__ as pillow
 
-  from benchmarks.step import machine_info
+  from benchmarks.step import machine_info, save_json_and_markdown
   from tools import imagenet_fixture
   with tempfile.TemporaryDirectory() as tmp:
     root = a.data_dir or tmp
@@ -124,11 +123,7 @@ def main(argv=None) -> dict:
   md = markdown(record)
   print(md)
   if a.out:
-    os.makedirs(os.path.dirname(a.out) or '.', exist_ok=True)
-    with open(a.out, 'w') as f:
-      json.dump(record, f, indent=1)
-    with open(os.path.splitext(a.out)[0] + '.md', 'w') as f:
-      f.write(md)
+    save_json_and_markdown(a.out, record, md)
   return record
 
 

@@ -191,6 +191,15 @@ def compiled_stats(compiled) -> dict[str, Any]:
   }
 
 
+def save_json_and_markdown(path: str, doc: Any, md: str) -> None:
+  """Writes ``doc`` to the JSON ``path`` and ``md`` next to it (``.md``), creating the folder."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(doc, f, indent=1)
+  with open(os.path.splitext(path)[0] + '.md', 'w') as f:
+    f.write(md)
+
+
 def machine_info() -> dict[str, Any]:
   dev = jax.devices()[0]
   cpu = platform.processor() or platform.machine()
