@@ -36,7 +36,7 @@ Padding = str | Sequence[tuple[int, int]]
 _DN = ('NHWC', 'HWIO', 'NHWC')
 # Output positions (H·W) at or below which a conv runs as im2col + matmul: 4×4 and smaller.
 # Measured on this project's 2-core CPU, 3×3 conv forward + both gradients at batch 128:
-# 2×2×512 6.3 s -> 0.11 s, 4×4×512 0.57 -> 0.55 s (benchmarks/results/cpu_conv.md).
+# 2×2×512 5.5 s -> 0.12 s, 4×4×512 0.61 -> 0.56 s (benchmarks/results/cpu_conv.md).
 TINY_MAP = 16
 CONV_EXECUTIONS = ('factored', 'kernel')  # SVDConv: two thin convs, or the rebuilt kernel
 
@@ -103,7 +103,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
   ``lax.conv_general_dilated``. With ``kernel_grad='gemm'`` (``model.conv_kernel_grad``; its
   ``auto`` default picks it on CPU) such a conv's kernel gradient is computed as ``kh·kw``
   GEMMs (:func:`_kernel_grad_gemm`): on this project's CPU a 3×3 conv's forward + gradients
-  run 1.5–3.4× faster that way on maps of 8×8 and up, and a step's temp memory grows 4–6 %
+  run 1.5–3.6× faster that way on maps of 16×16 and up (about as fast on 8×8),
+  and a step's temp memory grows 4–6 %
   (benchmarks/results/cpu_conv.md, summary.md).
   """
   def plain():
