@@ -80,7 +80,8 @@ BP_BLOCKS = ('conv1', 'conv2', 'conv3', 'fc1')
 for _b in BP_BLOCKS:
   VARIANTS[f'ssa_local_pred_bp_{_b}_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
                                             'dfa.bp_blocks': (_b,)}, False)
-# ... and every block by backprop: the ceiling of the diagnosis (svd_bp_bn with ssa's own terms)
+# ... and every block by backprop: the ceiling of the diagnosis (svd_bp_bn with ssa's orthogonality;
+# a bp block's update is the bare gradient, without the alignment term)
 VARIANTS['ssa_local_pred_bp_all_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
                                         'dfa.bp_blocks': BP_BLOCKS}, False)
 # an ablation's learning rate is its base variant's tuned one

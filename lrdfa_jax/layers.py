@@ -104,7 +104,7 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
   ``auto`` default picks it on CPU) such a conv's kernel gradient is computed as ``kh·kw``
   GEMMs (:func:`_kernel_grad_gemm`): on this project's CPU a 3×3 conv's forward + gradients
   run 1.5–3.6× faster that way on maps of 16×16 and up (about as fast on 8×8),
-  and a step's temp memory grows 4–6 %
+  and a step's temp memory grows 3–9 %
   (benchmarks/results/cpu_conv.md, summary.md).
   """
   def plain():
