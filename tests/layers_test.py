@@ -230,7 +230,8 @@ def test_models_take_the_kernel_gradient_option():
   grads = {}
   for how in ('xla', 'gemm'):
     m = models.build_model('small_conv', num_classes=4, rank=0.5, widths=(4, 8, 8), hidden=8,
-                           conv_kernel_grad=how, overrides={'conv1': 'dense'})
+                           conv_kernel_grad=how, overrides={'conv1': 'dense'},
+                           im2col_positions=0)  # every conv on the path under test
     v = m.init(jax.random.key(0), x, train=False)
     grads[how] = jax.grad(lambda p: jnp.sum(m.apply({'params': p}, x, train=False)[0] ** 2))(
         v['params'])

@@ -484,7 +484,7 @@ def test_bp_blocks_take_the_backprop_gradient_and_the_rest_their_local_update():
     return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1))
   reference = jax.grad(ce)(state.params)
   bp_names = {'conv2', 'conv2_bn'} & set(state.params)
-  assert 'conv2' in bp_names
+  assert bp_names == {'conv2', 'conv2_bn'}  # the BN net: its BN goes with its conv
   for name in state.params:
     want = reference[name] if name in bp_names else plain[name]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
