@@ -54,6 +54,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   f.readout_dim = 512        # local readout: conv taps avg-pooled to g×g, largest g with g²c ≤ this
   f.readout_basis = 'sinusoidal'  # sinusoidal (LLS, as factors) | random (orthonormal P, Q)
   f.readout_norm = True      # per-sample L2 normalisation of the pooled readout features
+  f.readout_layers = 0       # learned 1×1 ReLU layers on a conv block's pooled map (DGL's MLP-SR)
   f.readout_temperature = 0.5
   f.sim_weight = 0.0         # β of the similarity-matching term (Nøkland & Eidnes: 0.99)
   f.learn_feedback = 'none'  # none | local (readouts learn their CE: "pred") | global (DKP)

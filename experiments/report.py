@@ -34,7 +34,7 @@ def variant(summary: dict) -> str:
   """A short label: the method plus what differs from its defaults (for the ablation).
 
   Only the dfa fields are read (method, align, orth_weight, delivery, signal, readout_dim,
-  sim_weight, learn_feedback, bp_blocks); runs that differ in
+  readout_layers, sim_weight, learn_feedback, bp_blocks); runs that differ in
   model or training settings share a label, so keep such runs in separate result folders.
   Channel-broadcast feedback is marked because configs/cifar10.py delivers full maps. For
   the factored methods the rank is marked when it is not the default 1/4, with the rank
@@ -54,6 +54,8 @@ def variant(summary: dict) -> str:
     label += f' + {signal} error'
     if d.get('readout_dim', DEFAULT_READOUT) != DEFAULT_READOUT:
       label += f' (readout ≤ {d["readout_dim"]})'
+    if d.get('readout_layers'):
+      label += f' (readout MLP, {d["readout_layers"]} hidden)'
   elif d.get('delivery', 'channel') == 'channel' and label.split()[0] in ('dfa', 'ssa'):
     label += ' (channel-broadcast feedback)'  # configs/cifar10.py delivers full feature maps
   if d.get('sim_weight') and label.split()[0] in ('dfa', 'ssa'):

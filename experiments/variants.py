@@ -54,6 +54,12 @@ VARIANTS = {
 WIDE_READOUT = 2048
 VARIANTS['ssa_local_pred_wide_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
                                        'dfa.readout_dim': WIDE_READOUT}, False)
+# an auxiliary readout head per conv block (Belilovsky et al.'s DGL "MLP-SR": the pooled map
+# through learned 1×1 ReLU layers of the block's width before the linear readout); the issue-12
+# diagnosis found the last conv block's linear readout the costliest
+READOUT_LAYERS = 2
+VARIANTS['ssa_local_mlp_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
+                                 'dfa.readout_layers': READOUT_LAYERS}, False)
 # rank reduction during training (lrdfa_jax.rank; issue 16): start at rank 1/2, cut after
 # epochs 3 and 6 to the ranks holding REDUCE_ENERGY of each layer's Σ s², with and without
 # Hoyer sparsity on s, against fixed ranks (1/4 is the plain ssa / svd_bp)
@@ -86,7 +92,7 @@ VARIANTS['ssa_local_pred_bp_all_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
                                         'dfa.bp_blocks': BP_BLOCKS}, False)
 # an ablation's learning rate is its base variant's tuned one
 BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': 'svd_bp',
-        'ssa_local_pred_wide_bn': 'ssa_local_pred_bn',
+        'ssa_local_pred_wide_bn': 'ssa_local_pred_bn', 'ssa_local_mlp_bn': 'ssa_local_pred_bn',
         **{f'ssa_local_pred_bp_{b}_bn': 'ssa_local_pred_bn' for b in (*BP_BLOCKS, 'all')},
         'ssa_channel_noalign': 'ssa_channel', 'ssa_channel_noorth': 'ssa_channel',
         **{f'{m}_{v}': m for m in ('ssa', 'svd_bp') for v in ('r8', 'reduce', 'reduce_hoyer', 'reduce_h01')}}

@@ -67,7 +67,7 @@ def subspace_blocks(params: Any, feedback: fb.Feedback,
   for name in feedback.names:
     layer = models.output_layer(params, name)
     b = feedback.block(name)
-    if not layers.is_svd_layer(layer) or 'p' not in b:
+    if not layers.is_svd_layer(layer) or 'p' not in b or 'w0' in b:  # w0: P reads hidden units
       continue
     rows, (d, k), c = layer['u'].shape[0], b['p'].shape, (channels or {}).get(name)
     if is_full_map(b['p'].shape, c):
@@ -94,6 +94,8 @@ def coverage(params: Any, feedback: fb.Feedback, align: str, *,
   by_channel = "dfa.align='channel_subspace' compares such blocks by channel"
   if dense_feedback:
     why = 'their feedback is dense (no subspace P)'
+  elif any('w0' in feedback.block(n) for n in skipped):
+    why = "their local readout's P reads its hidden layers (dfa.readout_layers), not U"
   elif align == 'channel_subspace':
     why += ' or its k reaches every channel'
   elif signal != 'global':
@@ -148,7 +150,8 @@ def next_loss(params: Any, feedback: fb.Feedback, order: Sequence[str],
       continue
     layer = models.input_layer(params, reader)
     b = feedback.block(name)
-    if layers.is_svd_layer(layer) and 'p' in b and layer['v'].shape[0] % b['p'].shape[0] == 0:
+    if (layers.is_svd_layer(layer) and 'p' in b and 'w0' not in b
+        and layer['v'].shape[0] % b['p'].shape[0] == 0):
       total = total + losses.alignment_subspace(layer['v'], layer['s'], b['p'])
   return total
 

@@ -87,6 +87,12 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
       (learn == 'global') != (d.get('signal', 'global') == 'global'):
     raise ConfigError(f"dfa.learn_feedback={learn!r} needs dfa.signal="
                       f"{'global' if learn == 'global' else 'local or mixed'}.")
+  layers_ = d.get('readout_layers', 0)
+  if not (isinstance(layers_, int) and layers_ >= 0):
+    raise ConfigError(f'dfa.readout_layers={layers_!r}: give a count of hidden layers >= 0.')
+  if layers_ and (method not in LOCAL_METHODS or d.get('signal', 'global') == 'global'):
+    raise ConfigError('dfa.readout_layers adds layers to the local readout: it needs a local '
+                      "method (dfa, ssa) with dfa.signal='local' or 'mixed'.")
   if d.get('readout_temperature', 0.5) <= 0:
     raise ConfigError('dfa.readout_temperature must be positive (LLS uses 0.5).')
   dataset_info(config)  # data.name, data.image_size
@@ -190,9 +196,11 @@ def build_feedback(config, key, params, tap_shapes, num_classes) -> fb.Feedback:
     k = layer['s'].shape[0] if layers.is_svd_layer(layer) else num_classes
     ranks[name] = min(k, d.feedback_rank) if d.feedback_rank else k
   if d.get('signal', 'global') != 'global':  # the fixed local readouts are the feedback
+    hidden = {n: (d.readout_layers, s.shape[-1]) for n, s in tap_shapes.items()
+              if d.get('readout_layers', 0) and len(s.shape) == 4}
     return signals.init_readout(key, signals.readout_widths(tap_shapes, d.readout_dim),
                                 num_classes, basis=d.readout_basis, ranks=ranks,
-                                scale=d.feedback_scale)
+                                scale=d.feedback_scale, hidden=hidden)
   return fb.init_feedback(key, dfa.tap_widths(tap_shapes, d.delivery), num_classes, kind=kind,
                           ranks=ranks, scale=d.feedback_scale)
 

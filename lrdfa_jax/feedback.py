@@ -87,7 +87,8 @@ def init_feedback(key: Array, widths: Mapping[str, int], num_classes: int, *,
 
 
 def from_blocks(blocks: Mapping[str, Mapping[str, Array]]) -> Feedback:
-  """Stacks per-block arrays (``{'f'}`` dense, or ``{'p', 'sigma', 'q'}``) by shape."""
+  """Stacks per-block arrays (``{'f'}`` dense, or ``{'p', 'sigma', 'q'}``, with a local
+  readout's hidden layers ``w0, b0, ...``) by shape."""
   groups: dict[str, dict[str, list[Array]]] = {}
   index = []
   for name in sorted(blocks):
@@ -96,6 +97,9 @@ def from_blocks(blocks: Mapping[str, Mapping[str, Array]]) -> Feedback:
       gkey = f'dense_d{arrays["f"].shape[0]}'
     else:
       gkey = f'structured_d{arrays["p"].shape[0]}_k{arrays["p"].shape[1]}'
+    hidden = [a for a in arrays if a.startswith('w')]  # a readout's hidden layers (signals)
+    if hidden:
+      gkey += f'_h{len(hidden)}x{arrays["w0"].shape[0]}'
     group = groups.setdefault(gkey, {a: [] for a in arrays})
     index.append((name, gkey, len(group[next(iter(arrays))])))
     for a, x in arrays.items():

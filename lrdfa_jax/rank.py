@@ -131,7 +131,7 @@ def slice_feedback(feedback: fb.Feedback, params: Any) -> fb.Feedback:
     if 'p' in b and layer is not None and layers.is_svd_layer(layer):
       k = min(b['p'].shape[-1], layer['s'].shape[0])
       if k < b['p'].shape[-1]:
-        b = {'p': b['p'][:, :k], 'sigma': b['sigma'][:k], 'q': b['q'][:, :k]}
+        b = {**b, 'p': b['p'][:, :k], 'sigma': b['sigma'][:k], 'q': b['q'][:, :k]}
         changed = True
     blocks[name] = b
   return fb.from_blocks(blocks) if changed else feedback

@@ -6,7 +6,9 @@ fixed readout built from the same factored matrix ``F_i = P_i diag(σ_i) Q_iᵀ`
 et al.; Mostafa et al. 2018), so the forward readout and the feedback pathway are one matrix:
 
 * ``φ(h)``: the tap average-pooled to a ``g × g`` grid (conv taps; the grid is read off the
-  width of ``P``), flattened, per-sample L2-normalised (``norm``);
+  width of ``P``), optionally through ``L`` learned 1×1 ReLU layers of the tap's width on the
+  pooled map (``readout_layers``, the "MLP-SR" auxiliary head of Belilovsky et al.'s DGL),
+  flattened, per-sample L2-normalised (``norm``);
 * ``z_i = φ(h_i) F_i / T`` (T: ``temperature``), ``e_i = softmax(z_i) − onehot(y)``;
 * the tap's cotangent ``∂ CE(z_i, y) / ∂h_i = (e_i F_iᵀ / T)`` pulled back through ``φ``.
 
@@ -19,6 +21,7 @@ Every function here is pure and acts on one tap; :func:`lrdfa_jax.dfa.local_grad
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,20 +55,40 @@ def readout_widths(tap_shapes: Mapping[str, Any], dim: int) -> dict[str, int]:
   return out
 
 
-def features(h: Array, width: int, norm: bool = True, eps: float = 1e-12) -> Array:
-  """``φ(h)`` ``[B, width]``: average pool to the grid that gives ``width``, flatten, L2-normalise."""
+def features(h: Array, width: int, norm: bool = True, eps: float = 1e-12,
+             hidden: tuple[tuple[Array, Array], ...] = ()) -> Array:
+  """``φ(h)`` ``[B, width]``: average pool to the grid that gives ``width``, the ``hidden``
+  1×1 layers ``x ↦ relu(x W + b)`` (``W [c, c]``, conv taps only), flatten, L2-normalise."""
   if h.ndim == 4:
     b, hh, ww, c = h.shape
     g = math.isqrt(width // c)
     if g * g * c != width or hh % g or ww % g:
       raise ValueError(f'a readout of width {width} fits no pool grid of a tap {h.shape}.')
     h = h.reshape(b, g, hh // g, g, ww // g, c).mean((2, 4))
+    for w, bias in hidden:
+      h = jax.nn.relu(h @ w + bias)
+  elif hidden:
+    raise ValueError(f'hidden readout layers act on conv taps only, got a tap {h.shape}.')
   x = h.reshape(h.shape[0], -1)
   if x.shape[-1] != width:
     raise ValueError(f'readout width {width} does not match the tap {h.shape}.')
   if norm:
     x = x / jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) + eps)
   return x
+
+
+def hidden_layers(block: Mapping[str, Array]) -> tuple[tuple[Array, Array], ...]:
+  """The readout's hidden 1×1 layers ``((W_0, b_0), ...)`` (``w0``, ``b0``, ... in ``block``)."""
+  out, i = [], 0
+  while f'w{i}' in block:
+    out.append((block[f'w{i}'], block[f'b{i}']))
+    i += 1
+  return tuple(out)
+
+
+def readout_features(h: Array, block: Mapping[str, Array], norm: bool = True) -> Array:
+  """``φ(h)`` for one block's readout (its width and hidden layers read off ``block``)."""
+  return features(h, block_width(block), norm, hidden=hidden_layers(block))
 
 
 def linear(block: Mapping[str, Array], x_BxD: Array) -> Array:
@@ -90,7 +113,7 @@ def _apply_t(block: Mapping[str, Array], e_BxC: Array) -> Array:
 def readout_logits(h: Array, block: Mapping[str, Array], *, norm: bool = True,
                    temperature: float = 0.5) -> Array:
   """The block's fixed local readout ``z_i = φ(h) F_i / T``."""
-  return linear(block, features(h, block_width(block), norm)) / temperature
+  return linear(block, readout_features(h, block, norm)) / temperature
 
 
 def local_loss(h: Array, block: Mapping[str, Array], labels_B: Array, **readout) -> Array:
@@ -107,7 +130,7 @@ def readout_cotangent(h: Array, block: Mapping[str, Array], labels_B: Array,
   error ``err_BxC`` (needed when ``mix > 0``). Scaled like a mean loss (``1/B``): with
   ``mix=0`` it equals ``jax.grad(local_loss)`` with respect to ``h``.
   """
-  x, pull = jax.vjp(lambda t: features(t, block_width(block), norm), h)
+  x, pull = jax.vjp(lambda t: readout_features(t, block, norm), h)
   z = linear(block, x) / temperature
   onehot = jax.nn.one_hot(labels_B, z.shape[-1], dtype=z.dtype)
   e_local = jax.nn.softmax(z) - onehot
@@ -146,25 +169,38 @@ def sinusoidal_basis(width: int, num_classes: int) -> Array:
 
 def init_readout(key: Array, widths: Mapping[str, int], num_classes: int, *,
                  basis: str = 'sinusoidal', ranks: Mapping[str, int] | int | None = None,
-                 scale: float = 1.0) -> fb.Feedback:
+                 scale: float = 1.0, hidden: Mapping[str, tuple[int, int]] | None = None
+                 ) -> fb.Feedback:
   """Fixed factored readouts ``F_i = P_i diag(σ_i) Q_iᵀ`` (``d_i × C``), one per block.
 
   ``basis='sinusoidal'``: the truncated SVD of LLS's basis (rank ``k``, exact at ``k = C``);
   ``'random'``: Haar-orthonormal ``P``, ``Q`` with every ``σ = sqrt(d_i / 2)``, the norm of a
   sinusoid row, so both bases give logits of the same size. ``scale`` multiplies ``σ``.
-  ``ranks`` as in :func:`lrdfa_jax.feedback.init_feedback`.
+  ``ranks`` as in :func:`lrdfa_jax.feedback.init_feedback`. ``hidden`` maps a conv block to
+  ``(layers, channels)``: that many 1×1 ReLU layers ``W_l [c, c]`` (He-normal, ``b_l = 0``)
+  between the pool and ``F`` (:func:`features`); the width ``d_i`` is unchanged.
   """
   if basis not in BASES:
     raise ValueError(f'readout basis must be one of {BASES}, got {basis!r}.')
   if basis == 'random':
     out = fb.init_feedback(key, widths, num_classes, kind='structured', ranks=ranks)
-    groups = {g: {**a, 'sigma': a['sigma'] * scale * jnp.sqrt(a['p'].shape[1] / 2.0)}
-              for g, a in out.groups.items()}
-    return fb.Feedback(groups=groups, index=out.index)
-  blocks = {}
-  for name, d in widths.items():
-    k = ranks.get(name) if isinstance(ranks, Mapping) else ranks
-    k = min(d, num_classes) if k is None else max(1, min(int(k), d, num_classes))
-    p, s, qt = jnp.linalg.svd(sinusoidal_basis(d, num_classes).T, full_matrices=False)
-    blocks[name] = {'p': p[:, :k], 'sigma': s[:k] * scale, 'q': qt[:k].T}
+    blocks = {}
+    for name in out.names:
+      b = out.block(name)
+      blocks[name] = {**b, 'sigma': b['sigma'] * scale * jnp.sqrt(b['p'].shape[0] / 2.0)}
+  else:
+    blocks = {}
+    for name, d in widths.items():
+      k = ranks.get(name) if isinstance(ranks, Mapping) else ranks
+      k = min(d, num_classes) if k is None else max(1, min(int(k), d, num_classes))
+      p, s, qt = jnp.linalg.svd(sinusoidal_basis(d, num_classes).T, full_matrices=False)
+      blocks[name] = {'p': p[:, :k], 'sigma': s[:k] * scale, 'q': qt[:k].T}
+  for name, (n_layers, c) in sorted((hidden or {}).items()):
+    if widths[name] % c:
+      raise ValueError(f'block {name!r}: readout width {widths[name]} is not a grid of {c} '
+                       'channels; hidden readout layers act on conv taps only.')
+    keys = jax.random.split(jax.random.fold_in(key, zlib.crc32(name.encode())), n_layers)
+    for i, k_layer in enumerate(keys):
+      blocks[name][f'w{i}'] = jax.random.normal(k_layer, (c, c)) * jnp.sqrt(2.0 / c)
+      blocks[name][f'b{i}'] = jnp.zeros((c,), jnp.float32)
   return fb.from_blocks(blocks)

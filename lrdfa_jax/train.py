@@ -90,7 +90,7 @@ RUN_INDEPENDENT = MONITORING + ('train.stop_after_steps', 'train.num_devices',
 # dfa fields backprop never reads: a bp/svd_bp run is the same run whatever they hold
 BACKPROP_IGNORED = ('delivery', 'feedback', 'feedback_rank', 'feedback_scale', 'align',
                     'align_weight', 'signal', 'signal_mix', 'readout_dim', 'readout_basis',
-                    'readout_norm', 'readout_temperature', 'sim_weight', 'learn_feedback',
+                    'readout_norm', 'readout_layers', 'readout_temperature', 'sim_weight', 'learn_feedback',
                     'feedback_lr', 'feedback_weight_decay', 'feedback_lr_decay')
 _FREE_FORM = ('model.kwargs',)  # compared whole: a key one side lacks is a difference
 

@@ -72,7 +72,9 @@ def test_variant_labels():
   assert report.variant(s) == 'ssa + local error + sim + learned readout'
   s['config']['dfa'].update(readout_dim=2048)
   assert report.variant(s) == 'ssa + local error (readout ≤ 2048) + sim + learned readout'
-  s['config']['dfa'].update(readout_dim=512, bp_blocks=['conv2'])
+  s['config']['dfa'].update(readout_dim=512, readout_layers=2)
+  assert report.variant(s) == 'ssa + local error (readout MLP, 2 hidden) + sim + learned readout'
+  s['config']['dfa'].update(readout_layers=0, bp_blocks=['conv2'])
   assert report.variant(s) == 'ssa + local error + sim + learned readout (backprop on conv2)'
   s['config']['dfa'].update(learn_feedback='none', bp_blocks=[])
   s['config']['model'].update(kwargs={'norm': 'batch'}, act='leaky_relu')
@@ -138,6 +140,10 @@ def test_protocol_variants_share_one_pipeline():
       protocol.config_for('ssa_local_pred_bn', 0, 10).to_json())) == [
           f'dfa.readout_dim: {protocol.WIDE_READOUT} there, 512 now']
   assert protocol.config_for('ssa_mixed', 0, 10).dfa.signal == 'mixed'
+  mlp = protocol.config_for('ssa_local_mlp_bn', 0, 10)
+  assert protocol.config_differences(json.loads(mlp.to_json()), json.loads(
+      protocol.config_for('ssa_local_pred_bn', 0, 10).to_json())) == [
+          f'dfa.readout_layers: {protocol.READOUT_LAYERS} there, 0 now']
 
 
 def test_finished_runs_are_reused_only_with_their_config(tmp_path):

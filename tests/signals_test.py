@@ -182,3 +182,66 @@ def test_feedback_grads_dkp_and_learned_readout_by_hand():
   want = jax.grad(lambda blk: signals.local_loss(taps['d'], blk, y))(ro.block('d'))
   for key in ('p', 'sigma', 'q'):
     np.testing.assert_allclose(gl.block('d')[key], want[key], rtol=1e-5, atol=1e-7)
+
+
+def _hand_mlp_features(h, ws, bs, g):
+  """Pool [B, H, W, c] to g×g by hand, then relu(x W + b) per position, flatten, normalise."""
+  b_, hh, ww, c = h.shape
+  x = jnp.stack([jnp.stack([h[:, i * hh // g:(i + 1) * hh // g, j * ww // g:(j + 1) * ww // g]
+                            .mean((1, 2)) for j in range(g)], 1) for i in range(g)], 1)
+  for w, bias in zip(ws, bs):
+    x = jnp.maximum(jnp.einsum('bijc,cd->bijd', x, w) + bias, 0.0)
+  x = x.reshape(b_, -1)
+  return x / jnp.sqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+
+
+@pytest.mark.parametrize('mix', [0.0, 0.3])
+def test_hidden_readout_layers_equal_hand_written_head(mix):
+  """readout_layers: the pooled map through 1×1 ReLU layers, then the linear readout; the
+  tap's cotangent and the learned readout's gradient (every W, b, P, σ, Q) against jax.grad
+  of the head written out by hand."""
+  k = jax.random.split(jax.random.key(11), 4)
+  h = jax.random.normal(k[0], (B, 4, 4, 3))
+  y = jax.random.randint(k[1], (B,), 0, C)
+  e_glob = jax.nn.softmax(jax.random.normal(k[2], (B, C))) - jax.nn.one_hot(y, C)
+  ro = signals.init_readout(k[3], {'a': 12}, C, hidden={'a': (2, 3)})
+  block = ro.block('a')
+  assert block['w0'].shape == block['w1'].shape == (3, 3) and not np.any(block['b0'])
+  for b in (block, {**block, 'b0': block['b0'] + 0.1, 'b1': block['b1'] - 0.1}):
+
+    def hand_feat(t, blk=b):
+      return _hand_mlp_features(t, (blk['w0'], blk['w1']), (blk['b0'], blk['b1']), 2)
+
+    def hand_loss(t, blk=b):
+      z = hand_feat(t, blk) @ ((blk['p'] * blk['sigma']) @ blk['q'].T) / 0.5
+      return losses.cross_entropy(z, y)
+
+    f = (b['p'] * b['sigma']) @ b['q'].T
+    e_local = jax.nn.softmax(hand_feat(h) @ f / 0.5) - jax.nn.one_hot(y, C)
+    _, pull = jax.vjp(hand_feat, h)
+    (want,) = pull(((1 - mix) * e_local + mix * e_glob) @ f.T / (0.5 * B))
+    cot, ce = signals.readout_cotangent(h, b, y, e_glob, mix=mix, temperature=0.5)
+    np.testing.assert_allclose(cot, want, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(ce, hand_loss(h), rtol=1e-5)
+    if mix == 0:
+      np.testing.assert_allclose(cot, jax.grad(hand_loss)(h), rtol=1e-4, atol=1e-7)
+  # the learned readout ("pred" + the head): its gradient in every array of the block
+  taps = {'a': h}
+  g = dfa.feedback_grads(ro, taps, y, e_glob, 'local')
+  want = jax.grad(lambda blk: hand_loss(h, blk))(block)
+  assert set(g.block('a')) == {'p', 'sigma', 'q', 'w0', 'b0', 'w1', 'b1'}
+  for key, w in want.items():
+    assert np.any(np.asarray(w) != 0), key
+    np.testing.assert_allclose(g.block('a')[key], w, rtol=1e-4, atol=1e-7)
+
+
+def test_hidden_readout_layers_stack_by_width_and_need_conv_taps():
+  # equal readout width and rank, different channel counts: two stacks, not one
+  ro = signals.init_readout(jax.random.key(0), {'a': 12, 'b': 12, 'd': 12}, C,
+                            hidden={'a': (1, 3), 'b': (1, 12)})
+  assert ro.block('a')['w0'].shape == (3, 3) and ro.block('b')['w0'].shape == (12, 12)
+  assert 'w0' not in ro.block('d') and len(ro.groups) == 3
+  with pytest.raises(ValueError, match='conv taps only'):
+    signals.init_readout(jax.random.key(0), {'a': 10}, C, hidden={'a': (1, 4)})
+  with pytest.raises(ValueError, match='conv taps only'):
+    signals.features(jnp.ones((B, 12)), 12, hidden=((jnp.eye(12), jnp.zeros(12)),))

@@ -402,10 +402,11 @@ def test_subspace_alignment_blocks_follow_the_delivery(tmp_path, caplog):
   assert s['subspace_align_blocks'] == ['conv1', 'conv2', 'conv3', 'fc1']
 
 
-@pytest.mark.parametrize('learn,signal', [('global', 'global'), ('local', 'local')])
-def test_learned_feedback_trains_and_resumes_bit_identically(tmp_path, learn, signal):
+@pytest.mark.parametrize('learn,signal,layers', [('global', 'global', 0), ('local', 'local', 0),
+                                                 ('local', 'local', 2)])
+def test_learned_feedback_trains_and_resumes_bit_identically(tmp_path, learn, signal, layers):
   kw = dict(dfa__learn_feedback=learn, dfa__signal=signal, dfa__readout_dim=32,
-            dfa__feedback_lr=1e-2)
+            dfa__feedback_lr=1e-2, dfa__readout_layers=layers)
   a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
   train.train_and_evaluate(tiny_config(**kw), a)
   train.train_and_evaluate(tiny_config(train__stop_after_steps=5, **kw), b)
@@ -418,6 +419,11 @@ def test_learned_feedback_trains_and_resumes_bit_identically(tmp_path, learn, si
                                    jax.random.key(0))
   moved = jax.tree.map(lambda x, y: not np.allclose(x, y), fresh.feedback, sa.feedback)
   assert all(jax.tree.leaves(moved))  # every factor of every block's feedback learned
+  if layers:  # each conv block's readout head: `layers` 1×1 layers of its width; fc1 none
+    for name, c in (('conv1', 4), ('conv2', 8), ('conv3', 8)):
+      blk = sa.feedback.block(name)
+      assert blk[f'w{layers - 1}'].shape == (c, c) and f'w{layers}' not in blk
+    assert 'w0' not in sa.feedback.block('fc1')
 
 
 def test_learned_feedback_needs_its_signal():
@@ -425,6 +431,10 @@ def test_learned_feedback_needs_its_signal():
     train.train_and_evaluate(tiny_config(dfa__learn_feedback='global', dfa__signal='local'))
   with pytest.raises(train.ConfigError, match='learn_feedback'):
     train.train_and_evaluate(tiny_config(dfa__learn_feedback='kp'))
+  with pytest.raises(train.ConfigError, match="readout_layers adds layers.*signal='local'"):
+    train.train_and_evaluate(tiny_config(dfa__readout_layers=1))
+  with pytest.raises(train.ConfigError, match='readout_layers=-1'):
+    train.train_and_evaluate(tiny_config(dfa__signal='local', dfa__readout_layers=-1))
 
 
 def test_rank_reduction_during_training_resumes_bit_identically(tmp_path):
@@ -434,7 +444,7 @@ def test_rank_reduction_during_training_resumes_bit_identically(tmp_path):
   identically."""
   kw = dict(dfa__method='ssa', dfa__signal='local', dfa__readout_dim=32,
             dfa__learn_feedback='local', dfa__feedback_lr=1e-2, rank__epochs=(1,),
-            rank__energy=0.5, train__angle_every=0)
+            rank__energy=0.5, train__angle_every=0, dfa__readout_layers=1)
   full = train.train_and_evaluate(tiny_config(**kw), str(tmp_path / 'full'))
   (red,) = full['rank_reductions']
   assert red['step'] == 8 and red['ranks'] and full['trainable_params'] < full[
@@ -445,6 +455,7 @@ def test_rank_reduction_during_training_resumes_bit_identically(tmp_path):
     for k in path.split('/'):
       layer = layer[k]
     assert layer['s'].shape == (r,) and layer['u'].shape[1] == r
+  assert sa.feedback.block('conv2')['w0'].shape == (8, 8)  # slicing k keeps the readout head
   for stop in (12,):
     workdir = str(tmp_path / f'stop{stop}')
     train.train_and_evaluate(tiny_config(train__stop_after_steps=stop, **kw), workdir)
