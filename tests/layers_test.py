@@ -237,3 +237,30 @@ def test_models_take_the_kernel_gradient_option():
         v['params'])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                grads['gemm'], grads['xla'])
+
+
+def test_a_local_step_on_the_gemm_path_runs_no_backward_conv_between_blocks():
+  """On the CPU default (GEMM kernel gradients), a DFA/SSA step's compiled HLO holds the
+  forward's convolutions, plus, per factored conv, the one that carries the cotangent from
+  its 1×1 ``U`` to its rank-r ``V`` conv inside the layer: kernel gradients are matmuls and no
+  input gradient crosses a cut block. Backprop adds the input-gradient convs of the blocks
+  after the first (two in SmallConv)."""
+  from lrdfa_jax import dfa, feedback as fb, models
+  x, y = jnp.ones((2, 8, 8, 3)), jnp.arange(2) % 4
+
+  def convs(f, *args):
+    return jax.jit(f).lower(*args).compile().as_text().count(' convolution(')
+  for overrides, inner in ((None, 3), ({f'conv{i}': 'dense' for i in (1, 2, 3)}, 0)):
+    m = models.build_model('small_conv', num_classes=4, rank=0.5, widths=(4, 8, 8), hidden=8,
+                           conv_kernel_grad='gemm', im2col_positions=0, overrides=overrides)
+    params = m.init(jax.random.key(0), x, train=False)['params']
+    taps = jax.eval_shape(lambda p: m.apply({'params': p}, x, train=False)[1], params)
+    feedback = fb.init_feedback(jax.random.key(1), dfa.tap_widths(taps, 'full'), 4)
+    forward = convs(lambda p: m.apply({'params': p}, x, train=False)[0], params)
+    local = convs(lambda p: dfa.local_grads(
+        lambda q: (m.apply({'params': q}, x, train=False, local=True), None), p, feedback,
+        y)[0], params)
+    bp = convs(lambda p: dfa.bp_grads(
+        lambda q: (m.apply({'params': q}, x, train=False), None), p, y)[0], params)
+    assert forward == 3 * (1 + (inner > 0)) and local == forward + inner and bp == local + 2, (
+        overrides, forward, local, bp)

@@ -306,7 +306,9 @@ def test_config_mistakes_are_one_line_errors():
     train.train_and_evaluate(tiny_config(model__overrides='conv9:dense'))
   for kw, reason in ((dict(opt__lr=-1.0), 'opt.lr=-1.0'), (dict(train__epochs=0), 'at least 1'),
                      (dict(train__batch_size=0), 'positive batch size'),
-                     (dict(model__conv_execution='fast'), "model.conv_execution 'fast'")):
+                     (dict(model__conv_execution='fast'), "model.conv_execution 'fast'"),
+                     (dict(model__conv_kernel_grad='fast'), "model.conv_kernel_grad 'fast'"),
+                     (dict(model__im2col_positions=-1), 'model.im2col_positions must be >= 0')):
     with pytest.raises(train.ConfigError, match=re.escape(reason)):
       train.train_and_evaluate(tiny_config(**kw))
 
