@@ -3,6 +3,7 @@
   python -m experiments.protocol --rundir=runs/protocol --results=results/cifar10_small_conv
   (--results is experiments.report's flag; default here results/cifar10_small_conv)
   python -m experiments.protocol ... --only=bp,ssa --seeds=0,1,2 --epochs=10
+  python -m experiments.protocol --model=resnet20 --only=bp,ssa ... (configs/zoo.py's run card)
 
 Runs (skipping those already finished in ``--rundir``; interrupted ones resume): ``bp``,
 ``svd_bp``, ``ssa``, ``dfa``, ``ssa`` without alignment and ``ssa`` without orthogonality for
@@ -22,7 +23,8 @@ import os
 from absl import app, flags
 
 from experiments import report
-from experiments.variants import DATASETS, VARIANTS, chosen_lr, config_for, finished_summary
+from experiments.variants import (DATASETS, MODELS, VARIANTS, chosen_lr, config_for,
+                                 finished_summary, tuned_model)
 from lrdfa_jax import train
 
 _RUNDIR = flags.DEFINE_string('rundir', 'runs/protocol', 'Where the runs live.')
@@ -32,6 +34,8 @@ _EPOCHS = flags.DEFINE_integer('epochs', 10, 'Epochs for every run.')
 _ONLY = flags.DEFINE_list('only', None, 'Run only these variants (experiments/variants.py).')
 _DATASET = flags.DEFINE_enum('dataset', 'cifar10', list(DATASETS),
                               'The dataset every run trains on (cifar100: the re-split copy).')
+_MODEL = flags.DEFINE_enum('model', 'small_conv', list(MODELS),
+                            'small_conv (configs/cifar10.py) or a zoo net (configs/zoo.py).')
 _TUNING = flags.DEFINE_string('tuning', 'results/cifar10_small_conv/tuning.json',
                               'experiments.tune output with the learning rate per method.')
 
@@ -39,11 +43,14 @@ def main(argv):
   del argv
   results_dir = report.RESULTS.value or 'results/cifar10_small_conv'  # --results, shared flag
   seeds = [int(s) for s in _SEEDS.value]
+  if tuned_model(_TUNING.value) not in (None, _MODEL.value):
+    raise app.UsageError(f'{_TUNING.value} tunes {tuned_model(_TUNING.value)}, not '
+                         f'{_MODEL.value}: pass that model\'s experiments.tune output.')
   for variant, (_, all_seeds) in VARIANTS.items():
     if _ONLY.value and variant not in _ONLY.value:
       continue
     for seed in seeds if all_seeds else seeds[:1]:
-      c = config_for(variant, seed, _EPOCHS.value, _DATASET.value)
+      c = config_for(variant, seed, _EPOCHS.value, _DATASET.value, _MODEL.value)
       tuned = chosen_lr(_TUNING.value, variant)
       if tuned is None:
         print(f'{variant}: no held-out choice in {_TUNING.value}; the config\'s lr {c.opt.lr:g}')

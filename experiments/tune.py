@@ -1,9 +1,11 @@
 """Learning-rate tuning and probes on a held-out slice of the CIFAR-10 training set.
 
   python -m experiments.tune --variants=bp,svd_bp,dfa,ssa --lrs=3e-4,1e-3,3e-3
+  python -m experiments.tune --model=resnet20 --variants=bp,ssa --lrs=1e-3,3e-3 --out=...
   python -m experiments.tune --variants=ssa --lrs=1e-3 --set=model.rank=0.5 --tag=rank0.5
 
-Every run is configs/cifar10.py with the variant's fields (experiments/variants.py),
+Every run is configs/cifar10.py (``--model``: the zoo run card) with the variant's fields
+(experiments/variants.py),
 ``--set`` overrides, ``data.validation_size`` images held out of the training set (a fixed
 split), ``--epochs`` epochs and seed 0. The score is the final accuracy on the held-out slice;
 the test set is evaluated too (it is in every run's summary) but never used for a choice.
@@ -19,7 +21,7 @@ import os
 
 from absl import app, flags
 
-from experiments.variants import DATASETS, config_for, finished_summary
+from experiments.variants import DATASETS, MODELS, config_for, finished_summary
 from lrdfa_jax import train
 
 _RUNDIR = flags.DEFINE_string('rundir', 'runs/tune', 'Where the runs live.')
@@ -32,6 +34,8 @@ _SET = flags.DEFINE_list('set', [], 'Extra overrides, section.field=value.')
 _TAG = flags.DEFINE_string('tag', '', 'Names the --set probe in run dirs and the JSON.')
 _DATASET = flags.DEFINE_enum('dataset', 'cifar10', list(DATASETS),
                               'The dataset every run trains on (cifar100: the re-split copy).')
+_MODEL = flags.DEFINE_enum('model', 'small_conv', list(MODELS),
+                            'small_conv (configs/cifar10.py) or a zoo net (configs/zoo.py).')
 _OUT = flags.DEFINE_string('out', 'results/cifar10_small_conv/tuning.json', 'Results JSON.')
 
 
@@ -87,13 +91,17 @@ def main(argv):
   if os.path.exists(_OUT.value):
     with open(_OUT.value) as f:
       doc = json.load(f)
-  if doc.get('dataset', 'cifar10') != _DATASET.value:
-    raise app.UsageError(f'{_OUT.value} holds {doc.get("dataset", "cifar10")} runs; pass another '
-                         f'--out for {_DATASET.value}.')
-  doc.update(epochs=_EPOCHS.value, validation_size=_VAL.value, dataset=_DATASET.value)
+  for key, default in (('dataset', 'cifar10'), ('model', 'small_conv')):
+    flag = {'dataset': _DATASET, 'model': _MODEL}[key].value
+    if doc.get(key, default) != flag:
+      raise app.UsageError(f'{_OUT.value} holds {doc.get(key, default)} runs; pass another '
+                           f'--out for {flag}.')
+  doc.update(epochs=_EPOCHS.value, validation_size=_VAL.value, dataset=_DATASET.value,
+             model=_MODEL.value)
   for variant in _VARIANTS.value:
     for lr in (float(x) for x in _LRS.value):
-      c = config_for(variant, seed=0, epochs=_EPOCHS.value, dataset=_DATASET.value)
+      c = config_for(variant, seed=0, epochs=_EPOCHS.value, dataset=_DATASET.value,
+                     model=_MODEL.value)
       c.opt.lr = lr
       c.data.validation_size = _VAL.value
       for key, value in overrides.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from configs import cifar10
+from configs import cifar10, zoo
 from lrdfa_jax.train import MONITORING, config_changes
 
 # variant name -> (config overrides, all seeds?)
@@ -99,16 +99,34 @@ BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': '
 
 
 DATASETS = ('cifar10', 'cifar100')
+MODELS = ('small_conv', *zoo.CIFAR_MODELS)
 
 
-def config_for(variant: str, seed: int, epochs: int, dataset: str = 'cifar10'):
+def config_for(variant: str, seed: int, epochs: int, dataset: str = 'cifar10',
+               model: str = 'small_conv'):
   """configs/cifar10.py with ``variant``'s fields, on ``dataset`` (CIFAR-100 (re-split) is the
-  same pipeline with 100 classes: same augmentation, optimizer, schedule and model)."""
+  same pipeline with 100 classes: same augmentation, optimizer, schedule and model).
+
+  Any other ``model`` starts from its zoo run card instead (``configs/zoo.py:MODEL,DATASET``:
+  BN + ReLU, its own warmup); a variant that changes SmallConv's architecture (the ``_bn``
+  ones) is refused there, since the zoo nets have BatchNorm already.
+  """
   if dataset not in DATASETS:
     raise ValueError(f'dataset {dataset!r} is not one of {", ".join(DATASETS)}')
-  c = cifar10.get_config()
-  c.data.name = dataset
-  for key, value in VARIANTS[variant][0].items():
+  if model not in MODELS:
+    raise ValueError(f'model {model!r} is not one of {", ".join(MODELS)}')
+  fields = VARIANTS[variant][0]
+  if model == 'small_conv':
+    c = cifar10.get_config()
+    c.data.name = dataset
+  else:
+    arch = sorted(k for k in fields if k.startswith('model.'))
+    if arch:
+      raise ValueError(f'variant {variant!r} sets {", ".join(arch)} of SmallConv; on {model} '
+                       f'(BN + ReLU already) use a variant without them, e.g. '
+                       f'{variant.removesuffix("_bn")!r}.')
+    c = zoo.get_config(f'{model},{dataset}')
+  for key, value in fields.items():
     section, field = key.split('.')
     c[section][field] = value
   c.train.seed = seed
@@ -130,6 +148,15 @@ def chosen_lr(path: str, variant: str) -> float | None:
     if key in choice:
       return choice[key]['lr']
   return None
+
+
+def tuned_model(path: str) -> str | None:
+  """The model an experiments.tune output tuned (files from before the flag: small_conv);
+  None when ``path`` does not exist."""
+  if not path or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get('model', 'small_conv')
 
 
 def config_differences(have: dict, want: dict) -> list[str]:

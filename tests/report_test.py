@@ -122,6 +122,18 @@ def test_protocol_variants_share_one_pipeline():
       {k: v for k, v in protocol.config_for('ssa', 0, 10).to_dict().items() if k != 'data'}
   with pytest.raises(ValueError, match='not one of cifar10, cifar100'):
     protocol.config_for('ssa', 0, 10, dataset='mnist')
+  from configs import zoo  # a zoo net: its run card with the variant's fields
+  r20 = protocol.config_for('ssa_local_pred', 1, 10, 'cifar100', model='resnet20').to_dict()
+  card = zoo.get_config('resnet20,cifar100').to_dict()
+  assert r20['dfa'] == card['dfa'] | {'method': 'ssa', 'signal': 'local', 'learn_feedback': 'local',
+                                      'feedback_lr': 1e-3, 'feedback_lr_decay': 1.0}
+  assert r20['model'] == card['model'] and r20['data'] == card['data'] and r20['opt'] == card['opt']
+  assert r20['train'] == card['train'] | {'seed': 1, 'epochs': 10, 'progress_bar': False}
+  with pytest.raises(ValueError,
+                     match="sets model.act, model.kwargs of SmallConv.*'ssa_local_pred'"):
+    protocol.config_for('ssa_local_pred_bn', 0, 10, model='resnet20')
+  with pytest.raises(ValueError, match='not one of small_conv, resnet20'):
+    protocol.config_for('ssa', 0, 10, model='resnet18')
   assert protocol.config_for('ssa_noalign', 0, 10).dfa.align == 'none'
   assert protocol.config_for('ssa', 0, 10).dfa.delivery == 'full'
   for name in ('ssa_channel', 'dfa_channel', 'ssa_channel_noalign', 'ssa_channel_noorth'):
@@ -188,6 +200,10 @@ def test_tuning_choice_and_overrides(tmp_path):
   assert variants.chosen_lr(str(path), 'ssa_channel_noorth') == 5e-4  # its base variant's
   assert variants.chosen_lr(str(path), 'ssa_noorth') == 1e-3
   assert variants.chosen_lr(str(tmp_path / 'missing.json'), 'bp') is None
+  assert variants.tuned_model(str(path)) == 'small_conv'  # files from before --model
+  path.write_text(json.dumps({'best': best, 'model': 'resnet20'}))
+  assert variants.tuned_model(str(path)) == 'resnet20'
+  assert variants.tuned_model(str(tmp_path / 'missing.json')) is None
   assert tune.parse_set(['model.rank=0.5', 'dfa.align=next', 'model.act=relu']) == {
       'model.rank': 0.5, 'dfa.align': 'next', 'model.act': 'relu'}
   with pytest.raises(ValueError, match='section.field'):
