@@ -60,6 +60,10 @@ VARIANTS['ssa_local_pred_wide_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
 READOUT_LAYERS = 2
 VARIANTS['ssa_local_mlp_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
                                  'dfa.readout_layers': READOUT_LAYERS}, False)
+# ... and Nøkland & Eidnes' predsim on it: the learned readout plus the similarity term, β = 0.99
+# (on the tanh net with a fixed readout, ssa_local_sim, the term cost 4.6 points)
+VARIANTS['ssa_local_predsim_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0], 'dfa.sim_weight': 0.99},
+                                    False)
 # rank reduction during training (lrdfa_jax.rank; issue 16): start at rank 1/2, cut after
 # epochs 3 and 6 to the ranks holding REDUCE_ENERGY of each layer's Σ s², with and without
 # Hoyer sparsity on s, against fixed ranks (1/4 is the plain ssa / svd_bp)
@@ -93,6 +97,7 @@ VARIANTS['ssa_local_pred_bp_all_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
 # an ablation's learning rate is its base variant's tuned one
 BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': 'svd_bp',
         'ssa_local_pred_wide_bn': 'ssa_local_pred_bn', 'ssa_local_mlp_bn': 'ssa_local_pred_bn',
+        'ssa_local_predsim_bn': 'ssa_local_pred_bn',
         **{f'ssa_local_pred_bp_{b}_bn': 'ssa_local_pred_bn' for b in (*BP_BLOCKS, 'all')},
         'ssa_channel_noalign': 'ssa_channel', 'ssa_channel_noorth': 'ssa_channel',
         **{f'{m}_{v}': m for m in ('ssa', 'svd_bp') for v in ('r8', 'reduce', 'reduce_hoyer', 'reduce_h01')}}
