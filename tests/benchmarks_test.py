@@ -133,3 +133,20 @@ def test_conv_benchmark_compares_both_forms_and_marks_the_library_choice(tmp_pat
   with pytest.raises(SystemExit):
     conv.main(['--shapes=2x2'])
   assert 'give HxWxC maps' in capsys.readouterr().err
+
+
+def test_peak_rss_of_real_runs_per_method(tmp_path):
+  from benchmarks import rss
+  out = tmp_path / 'rss.json'
+  doc = rss.main(['--config=configs/cifar10.py:smoke', '--methods=bp,ssa', '--steps=2',
+                  f'--out={out}'])
+  assert [r['method'] for r in doc['records']] == ['bp', 'ssa']
+  bp, ssa = doc['records']
+  assert bp['ratio_to_bp'] == 1.0 and ssa['ratio_to_bp'] == ssa['peak_rss_mib'] / bp['peak_rss_mib']
+  assert all(100 < r['peak_rss_mib'] < 24 * 1024 and r['wall_s'] > 0 for r in doc['records'])
+  assert json.loads(out.read_text())['records'] == doc['records']
+  assert '| ssa |' in (tmp_path / 'rss.md').read_text()
+  with pytest.raises(SystemExit):
+    rss.main(['--methods=ssa'])  # no bp to compare with
+  with pytest.raises(RuntimeError, match='exit code'):
+    rss.run_peak_rss('configs/cifar10.py:smoke', 'ssa', 1, ['dfa.align=sideways'])
