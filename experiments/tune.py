@@ -82,20 +82,26 @@ def markdown(doc: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def load(path, *, dataset, model):
+  """The tuning file at `path` (empty if new); refuses one that holds another dataset's or model's
+  runs. Files from before those keys hold CIFAR-10 SmallConv runs."""
+  if not os.path.exists(path):
+    return {'runs': []}
+  with open(path) as f:
+    doc = json.load(f)
+  for key, default, want in (('dataset', 'cifar10', dataset), ('model', 'small_conv', model)):
+    if doc.get(key, default) != want:
+      raise app.UsageError(f'{path} holds {doc.get(key, default)} runs; pass another '
+                           f'--out for {want}.')
+  return doc
+
+
 def main(argv):
   del argv
   overrides = parse_set(_SET.value)
   if overrides and not _TAG.value:
     raise app.UsageError('--set needs a --tag to name the probe.')
-  doc = {'runs': []}
-  if os.path.exists(_OUT.value):
-    with open(_OUT.value) as f:
-      doc = json.load(f)
-  for key, default in (('dataset', 'cifar10'), ('model', 'small_conv')):
-    flag = {'dataset': _DATASET, 'model': _MODEL}[key].value
-    if doc.get(key, default) != flag:
-      raise app.UsageError(f'{_OUT.value} holds {doc.get(key, default)} runs; pass another '
-                           f'--out for {flag}.')
+  doc = load(_OUT.value, dataset=_DATASET.value, model=_MODEL.value)
   doc.update(epochs=_EPOCHS.value, validation_size=_VAL.value, dataset=_DATASET.value,
              model=_MODEL.value)
   for variant in _VARIANTS.value:

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from absl import app
 
 from experiments import report
 from lrdfa_jax import train
@@ -208,6 +209,15 @@ def test_tuning_choice_and_overrides(tmp_path):
       'model.rank': 0.5, 'dfa.align': 'next', 'model.act': 'relu'}
   with pytest.raises(ValueError, match='section.field'):
     tune.parse_set(['rank=0.5'])
+  # a new tuning file takes any model; an old one only its own
+  fresh = str(tmp_path / 'r20' / 'tuning.json')
+  assert tune.load(fresh, dataset='cifar10', model='resnet20') == {'runs': []}
+  path.write_text(json.dumps({'runs': [], 'best': best}))  # from before 'model': SmallConv
+  assert tune.load(str(path), dataset='cifar10', model='small_conv')['best'] == best
+  with pytest.raises(app.UsageError, match='holds small_conv runs; pass another --out'):
+    tune.load(str(path), dataset='cifar10', model='resnet20')
+  with pytest.raises(app.UsageError, match='holds cifar10 runs'):
+    tune.load(str(path), dataset='cifar100', model='small_conv')
 
 
 @pytest.mark.parametrize('delivery,align', [('channel', 'subspace'), ('full', 'subspace'),
