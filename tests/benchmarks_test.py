@@ -150,3 +150,34 @@ def test_peak_rss_of_real_runs_per_method(tmp_path):
     rss.main(['--methods=ssa'])  # no bp to compare with
   with pytest.raises(RuntimeError, match='exit code'):
     rss.run_peak_rss('configs/cifar10.py:smoke', 'ssa', 1, ['dfa.align=sideways'])
+
+
+def test_stacked_blocks_give_the_unrolled_update(tmp_path, capsys):
+  import jax
+  import jax.numpy as jnp
+
+  from benchmarks import stacked_blocks
+  from lrdfa_jax import models
+  out = tmp_path / 'stacked.json'
+  doc = stacked_blocks.main(['--model=resnet32', '--width=0.25', '--batch_size=2', '--steps=1',
+                             '--rounds=2', '--stages=2', f'--out={out}'])
+  # ResNet-32: 5 blocks a stage, the 4 after the first share a shape; stage 2 is 32 × 0.25 wide
+  assert [(r['stage'], r['blocks'], r['map']) for r in doc['records']] == [(2, 4, [16, 16, 8])]
+  model = models.build_model('resnet20', num_classes=10, rank=0.25, width=0.25)
+  blocks = stacked_blocks.stage_blocks(model)
+  assert blocks == {s: [f'stage{s}_block1', f'stage{s}_block2'] for s in (1, 2, 3)}
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  block = jax.eval_shape(lambda: stacked_blocks.stage_block(model, 2, 'stage2_block1').init(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 8)), True))
+  for n in blocks[2]:  # the block on its own has the model's params and statistics
+    for col in ('params', 'batch_stats'):
+      assert jax.tree.map(lambda a: a.shape, params[col][n]) == \
+          jax.tree.map(lambda a: a.shape, block[col])
+  for r in doc['records']:
+    assert r['max_relative_difference'] < 1e-4, r  # one vmap = the blocks one by one
+    assert r['unrolled_ms'] > 0 and r['stacked_ms'] > 0
+    assert np.isclose(r['stacked_over_unrolled'], r['stacked_ms'] / r['unrolled_ms'])
+  assert '| resnet32 | 2 | 4 | 16×16×8 |' in (tmp_path / 'stacked.md').read_text()
+  with pytest.raises(SystemExit):
+    stacked_blocks.main(['--model=vgg13'])
+  assert 'choose one of resnet20' in capsys.readouterr().err
