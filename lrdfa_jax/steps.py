@@ -177,11 +177,25 @@ def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
 
 
 def make_steps(cfg: StepConfig, mesh, state: TrainState):
-  """The jitted train, eval and angle steps for a mesh: state replicated, batch sharded."""
+  """The jitted train, eval and angle steps for a mesh: state replicated, batch sharded.
+
+  The angle step (:func:`angle_step`) runs as two programs, the method's update and backprop's,
+  and a third for the angles: one program holding both would need the local step's and
+  backprop's temporaries at once, which makes a local run's peak memory exceed a bp run's (a
+  ResNet-56 ssa run under the local signal: 1.18× bp's peak RSS with one program, 0.86× with
+  no angle step; ``docs/benchmarks.md``).
+  """
   repl = NamedSharding(mesh, P())
   state_sharding = jax.tree.map(lambda _: repl, state)
   train = jax.jit(functools.partial(train_step, cfg=cfg), donate_argnums=0,
                   out_shardings=(state_sharding, repl))
   evaluate = jax.jit(eval_step, out_shardings=repl)
-  angles = jax.jit(functools.partial(angle_step, cfg), out_shardings=repl)
+  bp_cfg = dataclasses.replace(cfg, method='bp', bp_blocks=())
+  method_updates, bp_updates = (
+      jax.jit(lambda state, batch, c=c: compute_updates(c, state, batch)[0], out_shardings=repl)
+      for c in (cfg, bp_cfg))
+  between = jax.jit(dfa.update_angles, out_shardings=repl)
+
+  def angles(state, batch):
+    return between(method_updates(state, batch), bp_updates(state, batch))
   return train, evaluate, angles

@@ -1,4 +1,5 @@
 """Training system: learning, resume, interruption, sharding, tracing, NaN handling."""
+import functools
 import json
 import os
 import re
@@ -114,6 +115,22 @@ def test_sharded_step_equals_single_device():
                out[4][:2])
   # angles in degrees: arccos near 0° turns float rounding of the cosine into ~0.03°
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.1), out[1][2], out[4][2])
+
+
+def test_the_split_angle_step_equals_the_one_program_step():
+  """make_steps runs the angle step as separate programs (memory); the angles are the same."""
+  config = tiny_config('ssa', dfa__signal='local')
+  state, (_, _, angle_fn), mesh, _ = _setup(config)
+  source = data_lib.load('synthetic', '', num_train=32, image_shape=(8, 8, 3),
+                         num_classes=4)['train']
+  batch = steps_lib.shard_batch(next(data_lib.train_batches(
+      source, batch_size=32, seed=0, epoch=0, mean=(0.5,) * 3, std=(0.25,) * 3)), mesh)
+  cfg = steps_lib.StepConfig.from_config(config)
+  one = jax.jit(functools.partial(steps_lib.angle_step, cfg))(state, batch)
+  split = angle_fn(state, batch)
+  assert set(split) == set(one) and 'conv2' in split
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=0.1), split, one)
+  assert 5 < float(split['conv2']) < 175 and float(split['head']) < 1.0  # exact head gradient
 
 
 def _read_steps(workdir):
