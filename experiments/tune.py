@@ -68,7 +68,9 @@ def best(runs: list[dict]) -> dict[str, dict]:
 
 
 def markdown(doc: dict) -> str:
-  lines = [f'Held-out tuning: {doc["validation_size"]} training images held out, '
+  model, dataset = doc.get('model', 'small_conv'), doc.get('dataset', 'cifar10')
+  lines = [f'Held-out tuning of {model} on {dataset}: {doc["validation_size"]} training images '
+           f'held out, '
            f'{doc["epochs"]} epochs per run, seed 0 (`python -m experiments.tune`).', '',
            '| variant | probe | lr | held-out acc % | test acc % | wall s |',
            '|---|---|---|---|---|---|']

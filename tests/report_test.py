@@ -209,6 +209,9 @@ def test_tuning_choice_and_overrides(tmp_path):
       'model.rank': 0.5, 'dfa.align': 'next', 'model.act': 'relu'}
   with pytest.raises(ValueError, match='section.field'):
     tune.parse_set(['rank=0.5'])
+  md = tune.markdown({'validation_size': 5000, 'epochs': 3, 'model': 'resnet20', 'runs': [],
+                      'best': {}})
+  assert md.startswith('Held-out tuning of resnet20 on cifar10: 5000 training images held out')
   # a new tuning file takes any model; an old one only its own
   fresh = str(tmp_path / 'r20' / 'tuning.json')
   assert tune.load(fresh, dataset='cifar10', model='resnet20') == {'runs': []}
