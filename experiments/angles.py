@@ -8,11 +8,12 @@ to the final test accuracy, and per layer the Spearman rank correlation between 
 accuracy across the runs (a negative ρ: runs whose updates point closer to backprop's end more
 accurate), as markdown and a scatter plot:
 
-  python -m experiments.angles --epochs=10 --out=results/angles_small_conv_10ep.md \\
-      --folders=results/cifar10_small_conv,results/cifar10_small_conv_local
+  python -m experiments.angles --epochs=10 --out=results/angles_small_conv_local_10ep.md \\
+      --folders=results/cifar10_small_conv_local,results/cifar10_small_conv_local_tuned
 
 Variants differ in more than their angle (BN, readouts, feedback), so ρ across them says which
-layer's angle moves with accuracy, not that the angle causes it.
+layer's angle moves with accuracy, not that the angle causes it; and the p-values treat the
+seeds of one variant as independent runs, so they overstate the evidence.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def run_angles(summary: dict, tail: float) -> dict[str, float]:
   out = {}
   for name in layers_of(summary):
     pts = np.asarray(c[f'angle/{name}'], dtype=float)
-    kept = pts[pts[:, 0] > start, 1]
+    kept = pts[pts[:, 0] >= start, 1] if tail >= 1 else pts[pts[:, 0] > start, 1]
     out[name] = float(kept.mean()) if kept.size else float('nan')
   return out
 
@@ -70,8 +71,8 @@ def correlations(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
   for name in sorted({n for r in rows for n in r['angles']}):
     pairs = [(r['angles'][name], r['accuracy']) for r in rows
              if np.isfinite(r['angles'].get(name, np.nan))]
-    if len(pairs) < 3:
-      continue
+    if len(pairs) < 3 or min(len(set(col)) for col in zip(*pairs)) < 2:
+      continue  # too few runs, or the same angle (or accuracy) in each: no ranking
     rho, p = stats.spearmanr(*zip(*pairs))
     out[name] = {'rho': float(rho), 'p': float(p), 'n': len(pairs)}
   return out

@@ -182,8 +182,8 @@ def make_steps(cfg: StepConfig, mesh, state: TrainState):
   The angle step (:func:`angle_step`) runs as two programs, the method's update and backprop's,
   and a third for the angles: one program holding both would need the local step's and
   backprop's temporaries at once, which makes a local run's peak memory exceed a bp run's (a
-  ResNet-56 ssa run under the local signal: 1.18× bp's peak RSS with one program, 0.86× with
-  no angle step; ``docs/benchmarks.md``).
+  ResNet-56 ssa run under the local signal: 1.18× bp's peak RSS with one program, 1.12× split,
+  0.86× with no angle step; the rest is bp's own working set; ``docs/benchmarks.md``).
   """
   repl = NamedSharding(mesh, P())
   state_sharding = jax.tree.map(lambda _: repl, state)

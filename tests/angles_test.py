@@ -26,6 +26,9 @@ def test_tail_mean_layers_and_rank_correlation(tmp_path):
   assert angles.layers_of(s) == ['conv1', 'fc1']  # no BN companion, no head
   assert angles.run_angles(s, tail=0.5) == {'conv1': 40.0, 'fc1': 50.0}
   assert angles.run_angles(s, tail=1.0)['conv1'] == pytest.approx((2 * 170 + 41 + 39) / 4)
+  s['curves']['angle/conv1'].insert(0, [0, 90.0])  # logged at step 0: counted at tail 1 only
+  assert angles.run_angles(s, tail=1.0)['conv1'] == pytest.approx((90 + 2 * 170 + 41 + 39) / 5)
+  assert angles.run_angles(s, tail=0.5)['conv1'] == 40.0
   folder = tmp_path / 'res'
   folder.mkdir()
   # conv1's angle falls as accuracy rises; fc1's is unrelated (equal in every run but one)
@@ -39,6 +42,10 @@ def test_tail_mean_layers_and_rank_correlation(tmp_path):
   corr = angles.correlations(rows)
   assert corr['conv1']['rho'] == pytest.approx(-1.0) and corr['conv1']['n'] == 5
   assert abs(corr['fc1']['rho']) < 0.5
+  for r in rows:  # a layer whose angle is the same in every run has no rank correlation
+    r['angles']['fc1'] = 45.0
+  assert set(angles.correlations(rows)) == {'conv1'}
+  rows = angles.collect([str(folder)], epochs=2.0, tail=0.5)
   out = tmp_path / 'out' / 'angles.md'
   md = angles.write_report([str(folder)], epochs=2.0, out=str(out))
   assert out.read_text() == md

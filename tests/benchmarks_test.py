@@ -175,9 +175,13 @@ def test_stacked_blocks_give_the_unrolled_update(tmp_path, capsys):
           jax.tree.map(lambda a: a.shape, block[col])
   for r in doc['records']:
     assert r['max_relative_difference'] < 1e-4, r  # one vmap = the blocks one by one
+    assert r['max_difference_leaf'].startswith('[')  # updates and BN statistics compared
     assert r['unrolled_ms'] > 0 and r['stacked_ms'] > 0
     assert np.isclose(r['stacked_over_unrolled'], r['stacked_ms'] / r['unrolled_ms'])
   assert '| resnet32 | 2 | 4 | 16×16×8 |' in (tmp_path / 'stacked.md').read_text()
   with pytest.raises(SystemExit):
     stacked_blocks.main(['--model=vgg13'])
   assert 'choose one of resnet20' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    stacked_blocks.main(['--model=resnet20', '--stages=4'])
+  assert 'resnet20 has stages [1, 2, 3]' in capsys.readouterr().err
