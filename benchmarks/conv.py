@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import sys
 import time
 from collections.abc import Sequence
 
@@ -26,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.step import machine_info, save_json_and_markdown
+from benchmarks.step import provenance, provenance_lines, save_json_and_markdown
 from lrdfa_jax import layers
 
 DN = ('NHWC', 'HWIO', 'NHWC')
@@ -75,11 +73,7 @@ def measure(shape: tuple[int, int, int], batch_size: int, steps: int, rounds: in
 
 
 def markdown(doc: dict) -> str:
-  m = doc['machine']
-  lines = [f'Command: `{doc["command"]}`', '',
-           f'Machine: {m["device_count"]}× {m["device"]} ({m["cpu"]}, {m["cpu_count"]} CPUs); '
-           f'jax {m["jax_version"]}; {doc["time"]}. 1-minute load average at start → end: '
-           f'{doc["load"][0]:.2f} → {doc["load"][1]:.2f}.', '',
+  lines = provenance_lines(doc) + [
            f'3×3 stride-1 SAME conv, C → C channels, batch {doc["records"][0]["batch_size"]}: '
            'forward + input gradient + kernel gradient, median of interleaved calls. '
            f'The library runs a conv as im2col when its output has ≤ {doc["tiny_map"]} '
@@ -116,10 +110,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.error(f'--shapes={args.shapes!r}: give HxWxC maps, e.g. 2x2x512,8x8x256')
   load0 = os.getloadavg()[0]
   records = [measure(s, args.batch_size, args.steps, args.rounds) for s in shapes]
-  argv = sys.argv[1:] if argv is None else list(argv)
-  doc = {'command': shlex.join(['python', '-m', 'benchmarks.conv', *argv]),
-         'machine': machine_info(), 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
-         'load': [load0, os.getloadavg()[0]], 'tiny_map': layers.TINY_MAP, 'records': records}
+  doc = {**provenance('benchmarks.conv', argv, load0), 'tiny_map': layers.TINY_MAP,
+         'records': records}
   md = markdown(doc)
   print(md)
   if args.out:

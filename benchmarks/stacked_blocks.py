@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import sys
 import time
 from collections.abc import Sequence
 
@@ -28,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.step import machine_info, save_json_and_markdown
+from benchmarks.step import provenance, provenance_lines, save_json_and_markdown
 from lrdfa_jax import models
 from lrdfa_jax.models.common import scoped
 
@@ -116,11 +114,7 @@ def measure(model_name: str, rank: float, batch_size: int, steps: int, rounds: i
 
 
 def markdown(doc: dict) -> str:
-  m = doc['machine']
-  lines = [f'Command: `{doc["command"]}`', '',
-           f'Machine: {m["device_count"]}× {m["device"]} ({m["cpu"]}, {m["cpu_count"]} CPUs); '
-           f'jax {m["jax_version"]}; {doc["time"]}. 1-minute load average at start → end: '
-           f'{doc["load"][0]:.2f} → {doc["load"][1]:.2f}.', '',
+  lines = provenance_lines(doc) + [
            'The local updates of a stage\'s equal-shaped residual blocks (all but its first): '
            'one vjp per block (`unrolled`) or one `jax.vmap` over their stacked params '
            f'(`stacked`); batch {doc["records"][0]["batch_size"]}, rank '
@@ -166,11 +160,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   load0 = os.getloadavg()[0]
   records = measure(args.model, args.rank, args.batch_size, args.steps, args.rounds,
                     args.conv_kernel_grad, args.width, stages)
-  argv = sys.argv[1:] if argv is None else list(argv)
-  doc = {'command': shlex.join(['python', '-m', 'benchmarks.stacked_blocks', *argv]),
-         'machine': machine_info(), 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
-         'load': [load0, os.getloadavg()[0]], 'conv_kernel_grad': args.conv_kernel_grad,
-         'records': records}
+  doc = {**provenance('benchmarks.stacked_blocks', argv, load0),
+         'conv_kernel_grad': args.conv_kernel_grad, 'records': records}
   md = markdown(doc)
   print(md)
   if args.out:

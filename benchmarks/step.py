@@ -200,6 +200,23 @@ def save_json_and_markdown(path: str, doc: Any, md: str) -> None:
     f.write(md)
 
 
+def provenance(module: str, argv: Sequence[str] | None, load0: float) -> dict[str, Any]:
+  """What a benchmark's JSON records about its run: the command, machine, time and the 1-minute
+  load average at start (``load0``) and now."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  return {'command': shlex.join(['python', '-m', module, *argv]), 'machine': machine_info(),
+          'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'load': [load0, os.getloadavg()[0]]}
+
+
+def provenance_lines(doc: dict[str, Any]) -> list[str]:
+  """The markdown head of a :func:`provenance` record: the command and the machine."""
+  m = doc['machine']
+  return [f'Command: `{doc["command"]}`', '',
+          f'Machine: {m["device_count"]}× {m["device"]} ({m["cpu"]}, {m["cpu_count"]} CPUs); '
+          f'jax {m["jax_version"]}; {doc["time"]}. 1-minute load average at start → end: '
+          f'{doc["load"][0]:.2f} → {doc["load"][1]:.2f}.', '']
+
+
 def machine_info() -> dict[str, Any]:
   dev = jax.devices()[0]
   cpu = platform.processor() or platform.machine()
