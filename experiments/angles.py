@@ -17,19 +17,15 @@ seeds of one variant as independent runs, so they overstate the evidence.
 """
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from absl import app, flags
 from scipy import stats
 
 from experiments import report
-
-_FOLDERS = flags.DEFINE_list('folders', None, 'Folders of exported run summaries.')
-_EPOCHS = flags.DEFINE_float('epochs', None, 'Only runs of this many epochs (default: all).')
-_TAIL = flags.DEFINE_float('tail', 0.5, 'Share of training, at its end, whose angles are averaged.')
-_OUT = flags.DEFINE_string('out', None, 'Markdown path; the plot goes next to it (.png).')
 
 
 def layers_of(summary: dict) -> list[str]:
@@ -112,18 +108,19 @@ def plot(rows, corr, path: str) -> None:
 
 def write_report(folders: list[str], *, epochs: float | None = None, tail: float = 0.5,
                  out: str | None = None) -> str:
-  """The markdown (and, with `out`, the file and its plot) for the runs in `folders`."""
+  """The markdown (and, with `out`, the file and its plot) for the runs in `folders`; a
+  ValueError with a one-line message for bad input."""
   if not folders:
-    raise app.UsageError('--folders=FOLDER[,FOLDER...] is required.')
+    raise ValueError('--folders=FOLDER[,FOLDER...] is required.')
   if not 0 < tail <= 1:
-    raise app.UsageError(f'--tail must be in (0, 1]; got {tail}.')
+    raise ValueError(f'--tail must be in (0, 1]; got {tail}.')
   for f in folders:
     if not os.path.isdir(f):
-      raise app.UsageError(f'{f} is not a results folder (python -m experiments.report --export).')
+      raise ValueError(f'{f} is not a results folder (python -m experiments.report --export).')
   rows = collect(folders, epochs, tail)
   corr = correlations(rows)
   if not corr:
-    raise app.UsageError('fewer than 3 local runs with angles in those folders (and --epochs).')
+    raise ValueError('fewer than 3 local runs with angles in those folders (and --epochs).')
   command = 'python -m experiments.angles ' + ' '.join(
       f'--{k}={v}' for k, v in (('folders', ','.join(folders)), ('epochs', epochs),
                                 ('tail', tail), ('out', out)) if v is not None)
@@ -136,10 +133,23 @@ def write_report(folders: list[str], *, epochs: float | None = None, tail: float
   return md
 
 
-def main(argv):
-  del argv
-  print(write_report(_FOLDERS.value, epochs=_EPOCHS.value, tail=_TAIL.value, out=_OUT.value))
+def main(argv: Sequence[str] | None = None) -> str:
+  p = argparse.ArgumentParser(prog='python -m experiments.angles',
+                              description=__doc__.split('\n')[0])
+  p.add_argument('--folders', default='', help='comma-separated folders of exported summaries')
+  p.add_argument('--epochs', type=float, help='only runs of this many epochs (default: all)')
+  p.add_argument('--tail', type=float, default=0.5,
+                 help='share of training, at its end, whose angles are averaged')
+  p.add_argument('--out', help='markdown path; the plot goes next to it (.png)')
+  args = p.parse_args(argv)
+  try:
+    md = write_report([f for f in args.folders.split(',') if f], epochs=args.epochs,
+                      tail=args.tail, out=args.out)
+  except ValueError as e:
+    p.error(str(e))
+  print(md)
+  return md
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()

@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-from absl import app
 
 from experiments import angles
 
@@ -47,19 +46,33 @@ def test_tail_mean_layers_and_rank_correlation(tmp_path):
   assert set(angles.correlations(rows)) == {'conv1'}
   rows = angles.collect([str(folder)], epochs=2.0, tail=0.5)
   out = tmp_path / 'out' / 'angles.md'
-  md = angles.write_report([str(folder)], epochs=2.0, out=str(out))
+  md = angles.main([f'--folders={folder}', '--epochs=2', f'--out={out}'])
   assert out.read_text() == md
   assert '| conv1 | -1.00 |' in md and '| v4 | 0.001 | 4 | 2 | 75.00 | 30 | 45 |' in md
   assert (tmp_path / 'out' / 'angles.png').stat().st_size > 0
   assert np.isfinite(corr['fc1']['p'])
 
 
-def test_bad_input_is_a_usage_error(tmp_path):
-  with pytest.raises(app.UsageError, match='is not a results folder'):
+def test_bad_input_is_a_one_line_error(tmp_path, capsys):
+  with pytest.raises(ValueError, match='is not a results folder'):
     angles.write_report([str(tmp_path / 'missing')])
-  with pytest.raises(app.UsageError, match='fewer than 3 local runs'):
+  with pytest.raises(ValueError, match='fewer than 3 local runs'):
     angles.write_report([str(tmp_path)])
-  with pytest.raises(app.UsageError, match='--tail must be in'):
+  with pytest.raises(ValueError, match='--tail must be in'):
     angles.write_report([str(tmp_path)], tail=0.0)
-  with pytest.raises(app.UsageError, match='--folders=FOLDER'):
-    angles.write_report([])
+  with pytest.raises(SystemExit):  # the command line: one line, no traceback
+    angles.main([])
+  assert 'error: --folders=FOLDER[,FOLDER...] is required.' in capsys.readouterr().err
+
+
+
+def test_it_imports_beside_the_absl_entry_points():
+  """absl flags are global (tune and report define --epochs, --results): angles takes argparse
+  flags, so a process (this suite, a notebook) can import it with them."""
+  import pathlib
+  import re
+
+  from experiments import report, tune  # noqa: F401
+  folder = pathlib.Path(__file__).parent.parent / 'results' / 'cifar10_small_conv_local'
+  md = angles.main([f'--folders={folder}', '--epochs=10'])  # the committed local runs
+  assert re.search(r'^\| conv3 \| [+-]\d\.\d\d \| \d\.\d{3} \| \d+ \|$', md, re.M), md
