@@ -49,7 +49,7 @@ def term_scales(run: str) -> dict:
   # the run's own update (its signal source, readouts, similarity term), without alignment
   cfg = dataclasses.replace(steps_lib.StepConfig.from_config(config), method='ssa', align='none')
   local, _ = steps_lib.compute_updates(cfg, state, batch)
-  bp, _ = steps_lib.compute_updates(dataclasses.replace(cfg, method='bp'), state, batch)
+  bp, _ = steps_lib.compute_updates(steps_lib.backprop_reference(cfg), state, batch)
   svd = metrics_lib.svd_layers(state.params)  # every factored layer, nested ones included
   orth = jax.grad(lambda p: sum(losses.orthogonality(l['u'], l['v'])
                                 for l in metrics_lib.svd_layers(p).values()))(state.params)

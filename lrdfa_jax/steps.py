@@ -157,10 +157,15 @@ def eval_step(state: TrainState, batch: dict[str, Any]) -> dict[str, jax.Array]:
   }
 
 
+def backprop_reference(cfg: StepConfig) -> StepConfig:
+  """The step whose update the angles compare against: ``cfg`` with the true BP gradient."""
+  return dataclasses.replace(cfg, method='bp', bp_blocks=())
+
+
 def angle_step(cfg: StepConfig, state: TrainState, batch: dict[str, Any]) -> dict[str, jax.Array]:
   """Per-layer angle (degrees) between the method's update and the true BP gradient."""
   local, _ = compute_updates(cfg, state, batch)
-  bp, _ = compute_updates(dataclasses.replace(cfg, method='bp', bp_blocks=()), state, batch)
+  bp, _ = compute_updates(backprop_reference(cfg), state, batch)
   return dfa.update_angles(local, bp)
 
 
@@ -190,10 +195,9 @@ def make_steps(cfg: StepConfig, mesh, state: TrainState):
   train = jax.jit(functools.partial(train_step, cfg=cfg), donate_argnums=0,
                   out_shardings=(state_sharding, repl))
   evaluate = jax.jit(eval_step, out_shardings=repl)
-  bp_cfg = dataclasses.replace(cfg, method='bp', bp_blocks=())
   method_updates, bp_updates = (
       jax.jit(lambda state, batch, c=c: compute_updates(c, state, batch)[0], out_shardings=repl)
-      for c in (cfg, bp_cfg))
+      for c in (cfg, backprop_reference(cfg)))
   between = jax.jit(dfa.update_angles, out_shardings=repl)
 
   def angles(state, batch):
