@@ -12,7 +12,9 @@ Commands (run from the repository root; each writes ``OUT.json`` and ``OUT.md``)
   python -m benchmarks.step --sweep=depth --steps=2 --rounds=8 \
       --out=benchmarks/results/cpu_depth_sweep.json
   # XLA:CPU's memory-minimising scheduler (its default favours concurrency, which keeps the
-  # independent per-block backward passes of dfa/ssa alive at once and inflates their temp bytes)
+  # independent per-block backward passes of dfa/ssa alive at once and inflates their temp bytes),
+  # as the training runs use it (train.xla_scheduler, per program) or for every program
+  python -m benchmarks.step ... --set=train.xla_scheduler=memory
   python -m benchmarks.step ... \
       --xla_flags=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED
   # rewrite OUT.md from OUT.json without measuring
@@ -396,7 +398,9 @@ def benchmark(config: ml_collections.ConfigDict, methods: Sequence[str] = steps_
                    'overrides': config.model.overrides, 'optimizer': config.opt.name,
                    'align': config.dfa.align, 'align_weight': config.dfa.align_weight,
                    'orth_weight': config.dfa.orth_weight, 'feedback': config.dfa.feedback,
-                   'delivery': config.dfa.delivery, 'kwargs': config.model.kwargs.to_dict()},
+                   'delivery': config.dfa.delivery, 'kwargs': config.model.kwargs.to_dict(),
+                   'signal': config.dfa.get('signal', 'global'),
+                   'xla_scheduler': config.train.get('xla_scheduler', 'default')},
     })
     records.append(rec)
   for v in variants:  # free device buffers before the next model

@@ -98,6 +98,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   t.timeout_s = 300          # how long processes wait for each other to join
   t.heartbeat_s = 100        # a dead process makes the others abort after this many seconds
   t.progress_bar = True
+  t.xla_scheduler = 'default'  # default | memory: XLA:CPU's memory-minimising scheduler for the
+  #                           train step (same update, less temporary memory; docs/benchmarks.md)
   t.max_loss = 0.0           # stop (diverged) when the train loss exceeds it; 0: 20 × ln(classes)
 
   if arg:

@@ -18,8 +18,8 @@ import optax
 from lrdfa_jax import alignment
 from lrdfa_jax import data as data_lib
 from lrdfa_jax import dfa, feedback as fb, layers, models, optim, signals
-from lrdfa_jax.steps import (FACTORED_METHODS, LOCAL_METHODS, METHODS, StepConfig, TrainState,
-                             in_blocks)
+from lrdfa_jax.steps import (FACTORED_METHODS, LOCAL_METHODS, METHODS, XLA_SCHEDULERS, StepConfig,
+                             TrainState, in_blocks)
 
 class ConfigError(ValueError):
   """A config that cannot run; the message says what to change."""
@@ -70,6 +70,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
                       f'choose one of auto, {", ".join(layers.KERNEL_GRADS)}.')
   if not int(config.model.get('im2col_positions', layers.TINY_MAP)) >= 0:
     raise ConfigError('model.im2col_positions must be >= 0 (0: never run a conv as im2col).')
+  if config.train.get('xla_scheduler', 'default') not in XLA_SCHEDULERS:
+    raise ConfigError(f'unknown train.xla_scheduler {config.train.xla_scheduler!r}; choose one '
+                      f'of {", ".join(XLA_SCHEDULERS)}.')
   if config.dfa.align not in dfa.ALIGNMENTS:
     raise ConfigError(f'unknown dfa.align {config.dfa.align!r}; choose one of {dfa.ALIGNMENTS}.')
   d = config.dfa

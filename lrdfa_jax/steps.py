@@ -54,6 +54,7 @@ class StepConfig:
   sim_weight: float = 0.0
   learn_feedback: str = 'none'     # none | local (learned readouts) | global (DKP)
   bp_blocks: tuple[str, ...] = ()  # blocks whose update is the backprop gradient (diagnosis)
+  xla_scheduler: str = 'default'   # default | memory (XLA:CPU's scheduler; :func:`make_steps`)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
@@ -69,7 +70,8 @@ class StepConfig:
                sim_weight=float(d.get('sim_weight', 0.0)),
                learn_feedback=(d.get('learn_feedback', 'none') if d.method in LOCAL_METHODS
                                else 'none'),
-               bp_blocks=(tuple(d.get('bp_blocks', ())) if d.method in LOCAL_METHODS else ()))
+               bp_blocks=(tuple(d.get('bp_blocks', ())) if d.method in LOCAL_METHODS else ()),
+               xla_scheduler=(config.get('train') or {}).get('xla_scheduler', 'default'))
 
 
 
@@ -181,6 +183,25 @@ def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+XLA_SCHEDULERS = {'default': None, 'memory': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+
+
+def compiler_options(scheduler: str, platform: str) -> dict[str, str] | None:
+  """The per-program XLA options for ``train.xla_scheduler`` on a device ``platform``.
+
+  ``'memory'`` compiles with XLA:CPU's memory-minimising scheduler instead of its default,
+  which favours concurrency and so keeps the independent per-block backward passes of a local
+  step alive at once (``docs/benchmarks.md``). It changes the order of the ops, not the ops:
+  the update is the same. Other platforms have their own schedulers, so there it is a no-op.
+  """
+  if scheduler not in XLA_SCHEDULERS:
+    raise ValueError(f'unknown train.xla_scheduler {scheduler!r}; choose one of '
+                     f'{", ".join(XLA_SCHEDULERS)}.')
+  if XLA_SCHEDULERS[scheduler] is None or platform != 'cpu':
+    return None
+  return {'xla_cpu_scheduler_type': XLA_SCHEDULERS[scheduler]}
+
+
 def make_steps(cfg: StepConfig, mesh, state: TrainState):
   """The jitted train, eval and angle steps for a mesh: state replicated, batch sharded.
 
@@ -189,14 +210,18 @@ def make_steps(cfg: StepConfig, mesh, state: TrainState):
   backprop's temporaries at once, which makes a local run's peak memory exceed a bp run's (a
   ResNet-56 ssa run under the local signal: 1.18× bp's peak RSS with one program, 1.12× split,
   0.86× with no angle step; the rest is bp's own working set; ``docs/benchmarks.md``).
+  The train step and the angle step's two updates compile with ``cfg.xla_scheduler``'s
+  options (:func:`compiler_options`).
   """
   repl = NamedSharding(mesh, P())
   state_sharding = jax.tree.map(lambda _: repl, state)
+  options = compiler_options(cfg.xla_scheduler, mesh.devices.flat[0].platform)
   train = jax.jit(functools.partial(train_step, cfg=cfg), donate_argnums=0,
-                  out_shardings=(state_sharding, repl))
+                  out_shardings=(state_sharding, repl), compiler_options=options)
   evaluate = jax.jit(eval_step, out_shardings=repl)
   method_updates, bp_updates = (
-      jax.jit(lambda state, batch, c=c: compute_updates(c, state, batch)[0], out_shardings=repl)
+      jax.jit(lambda state, batch, c=c: compute_updates(c, state, batch)[0], out_shardings=repl,
+              compiler_options=options)
       for c in (cfg, backprop_reference(cfg)))
   between = jax.jit(dfa.update_angles, out_shardings=repl)
 
