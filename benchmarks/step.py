@@ -13,7 +13,8 @@ Commands (run from the repository root; each writes ``OUT.json`` and ``OUT.md``)
       --out=benchmarks/results/cpu_depth_sweep.json
   # XLA:CPU's memory-minimising scheduler (its default favours concurrency, which keeps the
   # independent per-block backward passes of dfa/ssa alive at once and inflates their temp bytes),
-  # as the training runs use it (train.xla_scheduler, per program) or for every program
+  # as the training runs use it (train.xla_scheduler, per program; the default 'auto' picks
+  # it except for dfa/ssa under the local signal) or for every program
   python -m benchmarks.step ... --set=train.xla_scheduler=memory
   python -m benchmarks.step ... \
       --xla_flags=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED
@@ -284,6 +285,7 @@ def prepare_step(v: Variant, batch, mesh, image_shape, num_classes, dense_params
       'batch_stats_bytes': tree_bytes(state.batch_stats),
       'feedback_bytes': tree_bytes(state.feedback),
       'compile_s': compile_s,
+      'xla_scheduler_used': steps_lib.scheduler_for(cfg),  # train.xla_scheduler=auto resolved
       **compiled_stats(v.compiled),
   })
 
@@ -400,7 +402,7 @@ def benchmark(config: ml_collections.ConfigDict, methods: Sequence[str] = steps_
                    'orth_weight': config.dfa.orth_weight, 'feedback': config.dfa.feedback,
                    'delivery': config.dfa.delivery, 'kwargs': config.model.kwargs.to_dict(),
                    'signal': config.dfa.get('signal', 'global'),
-                   'xla_scheduler': config.train.get('xla_scheduler', 'default')},
+                   'xla_scheduler': config.train.get('xla_scheduler', 'auto')},
     })
     records.append(rec)
   for v in variants:  # free device buffers before the next model

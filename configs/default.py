@@ -98,8 +98,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   t.timeout_s = 300          # how long processes wait for each other to join
   t.heartbeat_s = 100        # a dead process makes the others abort after this many seconds
   t.progress_bar = True
-  t.xla_scheduler = 'default'  # default | memory: XLA:CPU's memory-minimising scheduler for the
-  #                           train step (same update, less temporary memory; docs/benchmarks.md)
+  t.xla_scheduler = 'auto'   # auto | default | memory: XLA:CPU's scheduler for the train step
+  #                           (same update; auto: default under the local signal, memory-minimising
+  #                           otherwise, the lower temporaries of each; docs/benchmarks.md)
   t.max_loss = 0.0           # stop (diverged) when the train loss exceeds it; 0: 20 × ln(classes)
 
   if arg:

@@ -25,6 +25,7 @@ from lrdfa_jax.writers import read_jsonl
 
 DEFAULT_RANK = default.get_config().model.rank  # left unmarked in labels
 DEFAULT_READOUT = default.get_config().dfa.readout_dim  # LLS's 512, left unmarked
+READOUT_LR = 1e-3  # the learned readouts' rate in experiments/variants.py, left unmarked
 _RUNS = flags.DEFINE_string('runs', None, 'Glob of run directories to export.')
 _EXPORT = flags.DEFINE_string('export', None, 'Folder to write one summary JSON per run into.')
 RESULTS = flags.DEFINE_string('results', None, 'Folder of exported summaries to report on.')
@@ -34,7 +35,7 @@ def variant(summary: dict) -> str:
   """A short label: the method plus what differs from its defaults (for the ablation).
 
   Only the dfa fields are read (method, align, orth_weight, delivery, signal, readout_dim,
-  readout_layers, sim_weight, learn_feedback, bp_blocks); runs that differ in
+  readout_layers, sim_weight, learn_feedback and its feedback_lr, bp_blocks); runs that differ in
   model or training settings share a label, so keep such runs in separate result folders.
   Channel-broadcast feedback is marked because configs/cifar10.py delivers full maps. For
   the factored methods the rank is marked when it is not the default 1/4, with the rank
@@ -63,6 +64,8 @@ def variant(summary: dict) -> str:
   learn = d.get('learn_feedback', 'none') if label.split()[0] in ('dfa', 'ssa') else 'none'
   if learn != 'none':
     label += ' + learned readout' if learn == 'local' else ' + DKP feedback'
+    if learn == 'local' and d.get('feedback_lr', READOUT_LR) != READOUT_LR:
+      label += f' (readout lr {d["feedback_lr"]:g})'
   if d.get('bp_blocks') and label.split()[0] in ('dfa', 'ssa'):
     label += f' (backprop on {", ".join(d["bp_blocks"])})'
   m = summary['config'].get('model', {})

@@ -70,7 +70,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
                       f'choose one of auto, {", ".join(layers.KERNEL_GRADS)}.')
   if not int(config.model.get('im2col_positions', layers.TINY_MAP)) >= 0:
     raise ConfigError('model.im2col_positions must be >= 0 (0: never run a conv as im2col).')
-  if config.train.get('xla_scheduler', 'default') not in XLA_SCHEDULERS:
+  if config.train.get('xla_scheduler', 'auto') not in XLA_SCHEDULERS:
     raise ConfigError(f'unknown train.xla_scheduler {config.train.xla_scheduler!r}; choose one '
                       f'of {", ".join(XLA_SCHEDULERS)}.')
   if config.dfa.align not in dfa.ALIGNMENTS:

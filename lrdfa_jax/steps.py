@@ -54,7 +54,7 @@ class StepConfig:
   sim_weight: float = 0.0
   learn_feedback: str = 'none'     # none | local (learned readouts) | global (DKP)
   bp_blocks: tuple[str, ...] = ()  # blocks whose update is the backprop gradient (diagnosis)
-  xla_scheduler: str = 'default'   # default | memory (XLA:CPU's scheduler; :func:`make_steps`)
+  xla_scheduler: str = 'auto'      # auto | default | memory (XLA:CPU's; :func:`scheduler_for`)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
@@ -71,7 +71,7 @@ class StepConfig:
                learn_feedback=(d.get('learn_feedback', 'none') if d.method in LOCAL_METHODS
                                else 'none'),
                bp_blocks=(tuple(d.get('bp_blocks', ())) if d.method in LOCAL_METHODS else ()),
-               xla_scheduler=(config.get('train') or {}).get('xla_scheduler', 'default'))
+               xla_scheduler=(config.get('train') or {}).get('xla_scheduler', 'auto'))
 
 
 
@@ -183,23 +183,42 @@ def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-XLA_SCHEDULERS = {'default': None, 'memory': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+_CPU_SCHEDULER_TYPES = {'default': None, 'memory': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+XLA_SCHEDULERS = ('auto', *_CPU_SCHEDULER_TYPES)
+
+
+def scheduler_for(cfg: StepConfig) -> str:
+  """``cfg.xla_scheduler`` with ``'auto'`` resolved for the step's method and signal.
+
+  ``'auto'`` takes XLA:CPU's default scheduler for a local method under the local signal and
+  the memory-minimising one for everything else. Measured with ``benchmarks.step``
+  (``docs/benchmarks.md``): under the local signal the default scheduler frees each block's
+  activations right after its own backward, which keeps ssa's temporaries flat in depth
+  (ResNet-20/56: 192 / 211 MiB), where the memory scheduler runs the blocks' backward passes
+  late and holds them (253 / 719 MiB); every other step (bp, svd_bp, the global and mixed
+  signals) holds all blocks' activations until the output error is known, and there the memory
+  scheduler takes 15–35 % off the temporaries (ResNet-56 bp 1,106 → 787 MiB, ssa 1,240 → 711).
+  """
+  if cfg.xla_scheduler != 'auto':
+    return cfg.xla_scheduler
+  local = cfg.method in LOCAL_METHODS and cfg.signal == 'local' and not cfg.bp_blocks
+  return 'default' if local else 'memory'
 
 
 def compiler_options(scheduler: str, platform: str) -> dict[str, str] | None:
-  """The per-program XLA options for ``train.xla_scheduler`` on a device ``platform``.
+  """The per-program XLA options for a ``train.xla_scheduler`` on a device ``platform``
+  (``'auto'``: resolve it first, :func:`scheduler_for`).
 
-  ``'memory'`` compiles with XLA:CPU's memory-minimising scheduler instead of its default,
-  which favours concurrency and so keeps the independent per-block backward passes of a local
-  step alive at once (``docs/benchmarks.md``). It changes the order of the ops, not the ops:
-  the update is the same. Other platforms have their own schedulers, so there it is a no-op.
+  ``'memory'`` compiles with XLA:CPU's memory-minimising scheduler instead of its default.
+  It changes the order of the ops, not the ops: the update is the same. Other platforms
+  have their own schedulers, so there it is a no-op.
   """
-  if scheduler not in XLA_SCHEDULERS:
-    raise ValueError(f'unknown train.xla_scheduler {scheduler!r}; choose one of '
-                     f'{", ".join(XLA_SCHEDULERS)}.')
-  if XLA_SCHEDULERS[scheduler] is None or platform != 'cpu':
+  if scheduler not in _CPU_SCHEDULER_TYPES:
+    raise ValueError(f'unknown train.xla_scheduler {scheduler!r} here; choose one of '
+                     f'{", ".join(_CPU_SCHEDULER_TYPES)} (resolve auto with scheduler_for).')
+  if _CPU_SCHEDULER_TYPES[scheduler] is None or platform != 'cpu':
     return None
-  return {'xla_cpu_scheduler_type': XLA_SCHEDULERS[scheduler]}
+  return {'xla_cpu_scheduler_type': _CPU_SCHEDULER_TYPES[scheduler]}
 
 
 def make_steps(cfg: StepConfig, mesh, state: TrainState):
@@ -210,18 +229,20 @@ def make_steps(cfg: StepConfig, mesh, state: TrainState):
   backprop's temporaries at once, which makes a local run's peak memory exceed a bp run's (a
   ResNet-56 ssa run under the local signal: 1.18× bp's peak RSS with one program, 1.12× split,
   0.86× with no angle step; the rest is bp's own working set; ``docs/benchmarks.md``).
-  The train step and the angle step's two updates compile with ``cfg.xla_scheduler``'s
-  options (:func:`compiler_options`).
+  The train step and the angle step's two updates compile with their own step's scheduler
+  (:func:`scheduler_for`, :func:`compiler_options`): backprop's reference update under
+  ``'auto'`` takes the memory scheduler even in a local-signal run.
   """
   repl = NamedSharding(mesh, P())
   state_sharding = jax.tree.map(lambda _: repl, state)
-  options = compiler_options(cfg.xla_scheduler, mesh.devices.flat[0].platform)
+  platform = mesh.devices.flat[0].platform
+  options = compiler_options(scheduler_for(cfg), platform)
   train = jax.jit(functools.partial(train_step, cfg=cfg), donate_argnums=0,
                   out_shardings=(state_sharding, repl), compiler_options=options)
   evaluate = jax.jit(eval_step, out_shardings=repl)
   method_updates, bp_updates = (
       jax.jit(lambda state, batch, c=c: compute_updates(c, state, batch)[0], out_shardings=repl,
-              compiler_options=options)
+              compiler_options=compiler_options(scheduler_for(c), platform))
       for c in (cfg, backprop_reference(cfg)))
   between = jax.jit(dfa.update_angles, out_shardings=repl)
 

@@ -69,9 +69,13 @@ def test_variant_labels():
   assert report.variant(s) == 'ssa + local error'
   s['config']['dfa'].update(sim_weight=0.99)
   assert report.variant(s) == 'ssa + local error + sim'
-  s['config']['dfa'].update(learn_feedback='local')
+  s['config']['dfa'].update(learn_feedback='local')  # at the config's feedback_lr 1e-4
+  assert report.variant(s) == 'ssa + local error + sim + learned readout (readout lr 0.0001)'
+  s['config']['dfa'].update(feedback_lr=1e-3)  # the variants' rate: unmarked
   assert report.variant(s) == 'ssa + local error + sim + learned readout'
-  s['config']['dfa'].update(readout_dim=2048)
+  s['config']['dfa'].update(feedback_lr=3e-3)
+  assert report.variant(s) == 'ssa + local error + sim + learned readout (readout lr 0.003)'
+  s['config']['dfa'].update(feedback_lr=1e-3, readout_dim=2048)
   assert report.variant(s) == 'ssa + local error (readout ≤ 2048) + sim + learned readout'
   s['config']['dfa'].update(readout_dim=512, readout_layers=2)
   assert report.variant(s) == 'ssa + local error (readout MLP, 2 hidden) + sim + learned readout'

@@ -135,9 +135,10 @@ def test_the_split_angle_step_equals_the_one_program_step():
 
 @pytest.mark.parametrize('method', ['bp', 'ssa'])
 def test_the_memory_scheduler_gives_the_same_update_in_less_temporary_memory(method):
-  """train.xla_scheduler='memory' reorders the step's ops on CPU: same new state, fewer bytes."""
+  """train.xla_scheduler='memory' reorders the step's ops on CPU: same new state, fewer bytes;
+  'auto' compiles the program of the scheduler it resolves to."""
   out = {}
-  for scheduler in ('default', 'memory'):
+  for scheduler in ('default', 'memory', 'auto'):
     config = tiny_config(method, dfa__signal='local' if method == 'ssa' else 'global',
                          train__xla_scheduler=scheduler)
     config.data.synthetic.image_shape = (16, 16, 3)
@@ -153,6 +154,19 @@ def test_the_memory_scheduler_gives_the_same_update_in_less_temporary_memory(met
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
                out['default'][1], out['memory'][1])
   assert out['memory'][0] < out['default'][0]
+  assert out['auto'][0] == out['default' if method == 'ssa' else 'memory'][0]
+
+
+def test_auto_scheduler_keeps_the_default_one_only_for_a_local_rule_under_the_local_signal():
+  auto = functools.partial(steps_lib.StepConfig, xla_scheduler='auto')
+  assert steps_lib.scheduler_for(auto('ssa', signal='local')) == 'default'
+  assert steps_lib.scheduler_for(auto('dfa', signal='local')) == 'default'
+  assert steps_lib.scheduler_for(auto('ssa', signal='mixed')) == 'memory'
+  assert steps_lib.scheduler_for(auto('ssa')) == 'memory'  # global signal
+  assert steps_lib.scheduler_for(auto('bp', signal='local')) == 'memory'
+  assert steps_lib.scheduler_for(auto('ssa', signal='local', bp_blocks=('conv1',))) == 'memory'
+  assert steps_lib.scheduler_for(steps_lib.backprop_reference(auto('ssa', signal='local'))) == 'memory'
+  assert steps_lib.scheduler_for(auto('ssa', signal='local', xla_scheduler='memory')) == 'memory'
 
 
 def test_an_unknown_xla_scheduler_is_a_config_error():
@@ -160,6 +174,8 @@ def test_an_unknown_xla_scheduler_is_a_config_error():
     build.setup(tiny_config(train__xla_scheduler='fast'))
   assert steps_lib.compiler_options('memory', 'gpu') is None  # XLA:CPU's option only
   assert steps_lib.compiler_options('default', 'cpu') is None
+  with pytest.raises(ValueError, match='scheduler_for'):
+    steps_lib.compiler_options('auto', 'cpu')  # resolved per step first
 
 
 def _read_steps(workdir):
