@@ -165,7 +165,8 @@ def test_auto_scheduler_keeps_the_default_one_only_for_a_local_rule_under_the_lo
   assert steps_lib.scheduler_for(auto('ssa')) == 'memory'  # global signal
   assert steps_lib.scheduler_for(auto('bp', signal='local')) == 'memory'
   assert steps_lib.scheduler_for(auto('ssa', signal='local', bp_blocks=('conv1',))) == 'memory'
-  assert steps_lib.scheduler_for(steps_lib.backprop_reference(auto('ssa', signal='local'))) == 'memory'
+  reference = steps_lib.backprop_reference(auto('ssa', signal='local'))
+  assert steps_lib.scheduler_for(reference) == 'memory'
   assert steps_lib.scheduler_for(auto('ssa', signal='local', xla_scheduler='memory')) == 'memory'
 
 
