@@ -195,9 +195,11 @@ def scheduler_for(cfg: StepConfig) -> str:
   (``docs/benchmarks.md``): under the local signal the default scheduler frees each block's
   activations right after its own backward, which keeps ssa's temporaries flat in depth
   (ResNet-20/56: 192 / 211 MiB), where the memory scheduler runs the blocks' backward passes
-  late and holds them (253 / 719 MiB); every other step (bp, svd_bp, the global and mixed
-  signals) holds all blocks' activations until the output error is known, and there the memory
-  scheduler takes 15–35 % off the temporaries (ResNet-56 bp 1,106 → 787 MiB, ssa 1,240 → 711).
+  late and holds them (253 / 719 MiB); every other step (bp, svd_bp, the global signal) holds
+  all blocks' activations until the output error is known, and there the memory scheduler
+  takes 18–45 % off the temporaries (ResNet-56 bp 1,106 → 787 MiB, ssa 1,240 → 711). The
+  mixed signal needs the output error in every block too, so it goes with the global one (by
+  that reasoning; not measured).
   """
   if cfg.xla_scheduler != 'auto':
     return cfg.xla_scheduler
