@@ -35,7 +35,8 @@ def variant(summary: dict) -> str:
   """A short label: the method plus what differs from its defaults (for the ablation).
 
   Only the dfa fields are read (method, align, orth_weight, delivery, signal, readout_dim,
-  readout_layers, sim_weight, learn_feedback and its feedback_lr, bp_blocks); runs that differ in
+  readout_layers, sim_weight, learn_feedback and its feedback_lr, bp_blocks, modules); runs that
+  differ in
   model or training settings share a label, so keep such runs in separate result folders.
   Channel-broadcast feedback is marked because configs/cifar10.py delivers full maps. For
   the factored methods the rank is marked when it is not the default 1/4, with the rank
@@ -68,6 +69,8 @@ def variant(summary: dict) -> str:
       label += f' (readout lr {d["feedback_lr"]:g})'
   if d.get('bp_blocks') and label.split()[0] in ('dfa', 'ssa'):
     label += f' (backprop on {", ".join(d["bp_blocks"])})'
+  if d.get('modules') and label.split()[0] in ('dfa', 'ssa'):
+    label += f' (modules {" | ".join(d["modules"].split(","))})'
   m = summary['config'].get('model', {})
   if summary['method'] in FACTORED_METHODS:  # the rank: marked when not configs/default.py's 1/4
     reduce = summary['config'].get('rank', {})

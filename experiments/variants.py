@@ -99,11 +99,20 @@ for _b in BP_BLOCKS:
 # a bp block's update is the bare gradient, without the alignment term)
 VARIANTS['ssa_local_pred_bp_all_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
                                         'dfa.bp_blocks': BP_BLOCKS}, False)
+# block-wise backprop (DGL, Belilovsky et al. 2020; the diagnosis found conv3's local rule the
+# costliest): the blocks of a module backprop into each other and learn from the module's last
+# readout (or the output loss), a cut between modules. K = 3: conv3 joins the classifier;
+# K = 2: two modules of about equal depth
+MODULES = {'k3': 'conv3+fc1+head', 'k2': 'conv1+conv2,conv3+fc1+head'}
+for _k, _m in MODULES.items():
+  VARIANTS[f'ssa_local_pred_{_k}_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
+                                         'dfa.modules': _m}, False)
 # an ablation's learning rate is its base variant's tuned one
 BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': 'svd_bp',
         'ssa_local_pred_wide_bn': 'ssa_local_pred_bn', 'ssa_local_mlp_bn': 'ssa_local_pred_bn',
         'ssa_local_predsim_bn': 'ssa_local_pred_bn', 'ssa_local_pred_fblr_bn': 'ssa_local_pred_bn',
         **{f'ssa_local_pred_bp_{b}_bn': 'ssa_local_pred_bn' for b in (*BP_BLOCKS, 'all')},
+        **{f'ssa_local_pred_{k}_bn': 'ssa_local_pred_bn' for k in MODULES},
         'ssa_channel_noalign': 'ssa_channel', 'ssa_channel_noorth': 'ssa_channel',
         **{f'{m}_{v}': m for m in ('ssa', 'svd_bp') for v in ('r8', 'reduce', 'reduce_hoyer', 'reduce_h01')}}
 

@@ -19,7 +19,7 @@ from lrdfa_jax import alignment
 from lrdfa_jax import data as data_lib
 from lrdfa_jax import dfa, feedback as fb, layers, models, optim, signals
 from lrdfa_jax.steps import (FACTORED_METHODS, LOCAL_METHODS, METHODS, XLA_SCHEDULERS, StepConfig,
-                             TrainState, in_blocks)
+                             TrainState, in_blocks, parse_modules)
 
 class ConfigError(ValueError):
   """A config that cannot run; the message says what to change."""
@@ -193,6 +193,8 @@ def build_feedback(config, key, params, tap_shapes, num_classes) -> fb.Feedback:
   if d.method not in LOCAL_METHODS:
     return fb.Feedback(groups={}, index=())
   kind = d.feedback if d.feedback != 'auto' else ('structured' if d.method == 'ssa' else 'dense')
+  inner = {n for m in parse_modules(d.get('modules', '')) for n in m[:-1]}
+  tap_shapes = {n: s for n, s in tap_shapes.items() if n not in inner}  # no signal within a module
   ranks = {}
   for name in tap_shapes:
     layer = models.output_layer(params, name)  # the layer that writes the tap
@@ -225,6 +227,36 @@ def tap_shapes(model, image_shape) -> dict[str, jax.ShapeDtypeStruct]:
 def tap_order(model, image_shape) -> tuple[str, ...]:
   """The model's tap names in forward order."""
   return tuple(tap_shapes(model, image_shape))
+
+
+def check_modules(config: ml_collections.ConfigDict, order: tuple[str, ...]) -> None:
+  """Fails unless ``dfa.modules`` names runs of consecutive blocks of the model (``order``:
+  its taps in forward order, then ``head``), each block in one module, for a local method."""
+  d = config.dfa
+  text = d.get('modules', '')
+  if d.method not in LOCAL_METHODS:
+    raise ConfigError(f'dfa.modules groups the blocks of a local method; {d.method} is not '
+                      f'local ({", ".join(LOCAL_METHODS)}). Leave it empty.')
+  if d.get('bp_blocks', ()):
+    raise ConfigError('dfa.modules and dfa.bp_blocks do not combine; set one of them.')
+  try:
+    modules = parse_modules(text)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  blocks = (*order, 'head')
+  seen: set[str] = set()
+  for m in modules:
+    unknown = [n for n in m if n not in blocks]
+    if unknown:
+      raise ConfigError(f'dfa.modules {unknown} name no block of {config.model.name}; its '
+                        f'blocks in forward order are {list(blocks)}.')
+    start = blocks.index(m[0])
+    if m != blocks[start:start + len(m)]:
+      raise ConfigError(f'dfa.modules {"+".join(m)!r} is not a run of consecutive blocks; in '
+                        f'forward order they are {list(blocks)}.')
+    if seen & set(m):
+      raise ConfigError(f'dfa.modules puts {sorted(seen & set(m))} in two modules.')
+    seen |= set(m)
 
 
 def build_feedback_tx(config, steps_per_epoch: int = 1) -> optax.GradientTransformation | None:
@@ -307,6 +339,8 @@ def setup(config: ml_collections.ConfigDict, *, steps_per_epoch: int = 1, num_de
   info = dataset_info(config)
   total_steps = config.train.epochs * steps_per_epoch
   model = build_model(config, info['num_classes'], rank_overrides)
+  if config.dfa.get('modules', ''):
+    check_modules(config, tap_order(model, info['image_shape']))
   tx, schedule = build_tx(config, total_steps)
   state = create_train_state(config, model, tx, info['image_shape'], info['num_classes'],
                              jax.random.key(config.train.seed), steps_per_epoch)

@@ -54,6 +54,7 @@ class StepConfig:
   sim_weight: float = 0.0
   learn_feedback: str = 'none'     # none | local (learned readouts) | global (DKP)
   bp_blocks: tuple[str, ...] = ()  # blocks whose update is the backprop gradient (diagnosis)
+  modules: tuple[tuple[str, ...], ...] = ()  # runs of blocks trained by backprop within (DGL)
   xla_scheduler: str = 'auto'      # auto | default | memory (XLA:CPU's; :func:`scheduler_for`)
 
   @classmethod
@@ -71,8 +72,31 @@ class StepConfig:
                learn_feedback=(d.get('learn_feedback', 'none') if d.method in LOCAL_METHODS
                                else 'none'),
                bp_blocks=(tuple(d.get('bp_blocks', ())) if d.method in LOCAL_METHODS else ()),
+               modules=(parse_modules(d.get('modules', '')) if d.method in LOCAL_METHODS
+                        else ()),
                xla_scheduler=(config.get('train') or {}).get('xla_scheduler', 'auto'))
 
+
+
+def parse_modules(text: str) -> tuple[tuple[str, ...], ...]:
+  """``dfa.modules`` (``'conv1+conv2,conv3+fc1+head'``) as ``(('conv1', 'conv2'), ...)``.
+
+  Each module is a run of consecutive blocks in forward order (``head``: the classifier);
+  :func:`lrdfa_jax.build.setup` checks the names against the model.
+  """
+  out = []
+  for item in filter(None, (t.strip() for t in text.split(','))):
+    names = tuple(n.strip() for n in item.split('+'))
+    if len(names) < 2 or not all(names):
+      raise ValueError(f'dfa.modules item {item!r} must join two or more blocks with +, '
+                       "e.g. 'conv3+fc1+head'.")
+    out.append(names)
+  return tuple(out)
+
+
+def joined_blocks(modules: tuple[tuple[str, ...], ...]) -> frozenset[str]:
+  """The blocks whose input stays joined to the block below: every module member but its first."""
+  return frozenset(n for m in modules for n in m[1:])
 
 
 def _variables(state: TrainState, params: Any) -> dict[str, Any]:
@@ -94,8 +118,14 @@ def compute_updates(cfg: StepConfig, state: TrainState, batch: dict[str, Any]):
   With ``cfg.bp_blocks`` (a local method), the params of those blocks (:func:`in_blocks`) take
   the backprop gradient of the output loss through the whole net instead of their local update,
   and the rest keep theirs: the diagnosis "which block's local rule costs most".
+
+  With ``cfg.modules`` the blocks of a module backprop into each other: only the first one's
+  input is cut, and the module learns from its last block's signal (its readout, its
+  feedback, or with ``head`` the output loss); the feedback has no entry for the other blocks.
   """
   local = cfg.method in LOCAL_METHODS
+  if local and cfg.modules:
+    local = joined_blocks(cfg.modules)
 
   def forward(params, local=local):
     variables = _variables(state, params)
@@ -105,7 +135,7 @@ def compute_updates(cfg: StepConfig, state: TrainState, batch: dict[str, Any]):
       return out, mutated['batch_stats']
     return state.apply_fn(variables, batch['image'], train=True, local=local), state.batch_stats
 
-  if local:
+  if cfg.method in LOCAL_METHODS:
     grads, aux = dfa.local_grads(forward, state.params, state.feedback, batch['label'],
                                  align=cfg.align, align_weight=cfg.align_weight,
                                  tap_order=cfg.tap_order, signal=cfg.signal,
@@ -161,7 +191,7 @@ def eval_step(state: TrainState, batch: dict[str, Any]) -> dict[str, jax.Array]:
 
 def backprop_reference(cfg: StepConfig) -> StepConfig:
   """The step whose update the angles compare against: ``cfg`` with the true BP gradient."""
-  return dataclasses.replace(cfg, method='bp', bp_blocks=())
+  return dataclasses.replace(cfg, method='bp', bp_blocks=(), modules=())
 
 
 def angle_step(cfg: StepConfig, state: TrainState, batch: dict[str, Any]) -> dict[str, jax.Array]:

@@ -81,7 +81,10 @@ def test_variant_labels():
   assert report.variant(s) == 'ssa + local error (readout MLP, 2 hidden) + sim + learned readout'
   s['config']['dfa'].update(readout_layers=0, bp_blocks=['conv2'])
   assert report.variant(s) == 'ssa + local error + sim + learned readout (backprop on conv2)'
-  s['config']['dfa'].update(learn_feedback='none', bp_blocks=[])
+  s['config']['dfa'].update(bp_blocks=[], modules='conv1+conv2,conv3+fc1+head')
+  assert report.variant(s) == ('ssa + local error + sim + learned readout '
+                               '(modules conv1+conv2 | conv3+fc1+head)')
+  s['config']['dfa'].update(learn_feedback='none', modules='')
   s['config']['model'].update(kwargs={'norm': 'batch'}, act='leaky_relu')
   assert report.variant(s) == 'ssa + local error + sim (BN, leaky_relu)'
   s['method'] = 'bp'
@@ -121,6 +124,10 @@ def test_protocol_variants_share_one_pipeline():
   plain = protocol.config_for('ssa_local_pred_bn', 0, 10).to_dict()
   assert diag['dfa'].pop('bp_blocks') == ('conv2',) and plain['dfa'].pop('bp_blocks') == ()
   assert diag == plain
+  k2 = protocol.config_for('ssa_local_pred_k2_bn', 0, 10).to_dict()  # block-wise backprop
+  assert k2['dfa'].pop('modules') == 'conv1+conv2,conv3+fc1+head'
+  assert k2['dfa'].pop('bp_blocks') == ()
+  assert k2 == {**plain, 'dfa': {k: v for k, v in plain['dfa'].items() if k != 'modules'}}
   c100 = protocol.config_for('ssa', 0, 10, dataset='cifar100').to_dict()  # CIFAR-100 (re-split)
   assert c100['data'] == base['data'] | {'name': 'cifar100'} and base['data']['name'] == 'cifar10'
   assert {k: v for k, v in c100.items() if k != 'data'} == \

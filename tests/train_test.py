@@ -13,7 +13,7 @@ import pytest
 from configs import default
 from lrdfa_jax import alignment
 from lrdfa_jax import data as data_lib
-from lrdfa_jax import build, metrics as metrics_lib, steps as steps_lib, train, writers
+from lrdfa_jax import build, metrics as metrics_lib, signals, steps as steps_lib, train, writers
 
 
 def tiny_config(method='ssa', **overrides):
@@ -567,6 +567,69 @@ def test_bp_blocks_take_the_backprop_gradient_and_the_rest_their_local_update():
                  mixed[name], want)
   # the local update of conv2 is not the backprop gradient, so the swap is visible
   assert not np.allclose(plain['conv2']['u'], reference['conv2']['u'], atol=1e-4)
+
+
+def test_modules_backprop_within_and_cut_between():
+  """dfa.modules='conv2+conv3,fc1+head' on the BN SmallConv, local signal: each module's params
+  take jax.grad of its last block's loss (conv3's readout CE; the output CE) through the
+  module, written out on the uncut forward; conv1 keeps its own readout's gradient; conv2 and
+  fc1 have no readout. One module of every block is backprop."""
+  c = tiny_config('ssa', dfa__signal='local', dfa__align='none', model__act='leaky_relu',
+                  dfa__modules='conv2+conv3,fc1+head',
+                  model__kwargs=ml_collections.ConfigDict({'widths': (4, 8, 8), 'hidden': 16,
+                                                           'norm': 'batch'}))
+  run = build.setup(c)
+  state, fb = run.state, run.state.feedback
+  assert fb.names == ('conv1', 'conv3')  # no signal inside a module
+  assert run.step_cfg.modules == (('conv2', 'conv3'), ('fc1', 'head'))
+  images, labels = data_lib.synthetic(**c.data.synthetic.to_dict())["train"]
+  batch = {'image': jnp.asarray(images[:16], jnp.float32) / 255.0,
+           'label': jnp.asarray(labels[:16])}
+  got, _ = steps_lib.compute_updates(run.step_cfg, state, batch)
+
+  def forward(params):
+    (logits, taps), _ = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
+                                       batch['image'], train=True, mutable=['batch_stats'])
+    return logits, taps
+
+  def ce(z):
+    return -jnp.mean(jnp.sum(jax.nn.one_hot(batch['label'], z.shape[-1])
+                             * jax.nn.log_softmax(z), -1))
+
+  def readout_ce(block):
+    return lambda p: signals.local_loss(forward(p)[1][block], fb.block(block), batch['label'])
+  refs = {'conv1': jax.grad(readout_ce('conv1'))(state.params),
+          'conv3': jax.grad(readout_ce('conv3'))(state.params),
+          'head': jax.grad(lambda p: ce(forward(p)[0]))(state.params)}
+  module_of = {'conv1': 'conv1', 'conv1_bn': 'conv1', 'conv2': 'conv3', 'conv2_bn': 'conv3',
+               'conv3': 'conv3', 'conv3_bn': 'conv3', 'fc1': 'head', 'head': 'head'}
+  assert set(module_of) == set(state.params)
+  for name, loss in module_of.items():
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 got[name], refs[loss][name])
+  # conv2 learns through conv3 (not from nothing), conv1 not from conv3's loss
+  assert np.abs(np.asarray(got['conv2']['u'])).max() > 1e-6
+  assert not np.allclose(got['conv1']['u'], refs['conv3']['conv1']['u'], atol=1e-6)
+  whole = _with(c, dfa__modules='conv1+conv2+conv3+fc1+head')
+  run = build.setup(whole)
+  assert run.state.feedback.names == ()
+  got, _ = steps_lib.compute_updates(run.step_cfg, run.state, batch)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               got, jax.grad(lambda p: ce(forward(p)[0]))(run.state.params))
+
+
+@pytest.mark.parametrize('modules, kw, message', [
+    ('conv1+conv3', {}, "'conv1\\+conv3' is not a run of consecutive blocks"),
+    ('conv3+head', {}, 'not a run of consecutive blocks'),
+    ('conv9+head', {}, r"dfa.modules \['conv9'\] name no block"),
+    ('conv1+conv2,conv2+conv3', {}, r"puts \['conv2'\] in two modules"),
+    ('conv1', {}, 'must join two or more blocks'),
+    ('conv1+conv2', {'dfa__method': 'svd_bp'}, 'svd_bp is not local'),
+    ('conv1+conv2', {'dfa__bp_blocks': ('conv3',)}, 'do not combine'),
+])
+def test_modules_must_be_runs_of_blocks_of_a_local_method(modules, kw, message):
+  with pytest.raises(train.ConfigError, match=message):
+    build.setup(tiny_config(**{'dfa__signal': 'local', 'dfa__modules': modules, **kw}))
 
 
 def _with(config, **overrides):

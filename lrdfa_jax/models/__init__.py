@@ -3,8 +3,9 @@
 ``taps`` maps a block name to the block's output ``h_i`` (after activation and pooling; for a
 residual block, after the add). With ``local=True`` every block input is
 ``stop_gradient``-ed, so a vjp through the model with cotangents on the taps gives each block
-its local update and nothing crosses blocks. The classifier (``head``) is the output block: it
-receives the exact CE gradient. What a block is in each model: ``docs/blocks.md``.
+its local update and nothing crosses blocks; with ``local=frozenset(names)`` the inputs of
+those blocks stay joined to the block below (``dfa.modules``). The classifier (``head``) is the
+output block: it receives the exact CE gradient. What a block is in each model: ``docs/blocks.md``.
 
 Models take their layer constructors as arguments (``conv=``, ``dense=``), called as
 ``conv(features, kernel_size, strides=..., padding=..., name=...)`` and

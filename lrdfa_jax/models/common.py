@@ -69,9 +69,15 @@ def global_avg_pool(x: Array) -> Array:
   return x.mean((1, 2))
 
 
-def block_input(x: Array, local: bool) -> Array:
-  """A block's input: cut from the graph under the local update, so nothing crosses blocks."""
-  return jax.lax.stop_gradient(x) if local else x
+def block_input(x: Array, local: bool | frozenset[str], name: str = '') -> Array:
+  """Block ``name``'s input: cut from the graph under the local update, so nothing crosses blocks.
+
+  ``local`` is ``False`` (backprop: nothing cut), ``True`` (every block input cut) or a
+  frozenset of block names whose input stays joined to the block below (``dfa.modules``:
+  backprop within a module, a cut between modules); every other block's input is cut.
+  """
+  cut = local is True or (isinstance(local, frozenset) and name not in local)
+  return jax.lax.stop_gradient(x) if cut else x
 
 
 def same_pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -54,18 +54,19 @@ class MobileNetV1(nn.Module):
   act: Callable[[Array], Array] = nn.relu
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False, local: bool = False):
+  def __call__(self, x: Array, *, train: bool = False, local: bool | frozenset[str] = False):
     if self.stem not in ('cifar', 'imagenet'):
       raise ValueError(f"stem must be 'cifar' or 'imagenet', got {self.stem!r}.")
     s = 1 if self.stem == 'cifar' else 2
     h = self.conv(scale_width(self.stem_width, self.width), (3, 3), strides=(s, s),
-                  padding=same_pad(3), use_bias=False, name='conv1')(block_input(x, local))
+                  padding=same_pad(3), use_bias=False, name='conv1')(block_input(x, local, 'conv1'))
     h = self.act(batch_norm(train, 'bn1')(h))
     taps = {'conv1': h}
     for i, (c, stride) in enumerate(self.blocks, start=1):
       name = f'block{i}'
       h = DepthwiseSeparable(scale_width(c, self.width), stride, conv=scoped(self.conv, name),
-                             act=self.act, name=name)(block_input(h, local), train)
+                             act=self.act, name=name)(block_input(h, local, name), train)
       taps[name] = h
-    logits = self.dense(self.num_classes, name='head')(global_avg_pool(block_input(h, local)))
+    logits = self.dense(self.num_classes, name='head')(
+        global_avg_pool(block_input(h, local, 'head')))
     return logits, taps

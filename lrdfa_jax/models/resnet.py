@@ -124,7 +124,7 @@ class ResNet(nn.Module):
   act: Callable[[Array], Array] = nn.relu
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False, local: bool = False):
+  def __call__(self, x: Array, *, train: bool = False, local: bool | frozenset[str] = False):
     if self.block not in BLOCKS:
       raise ValueError(f'unknown block {self.block!r}; choose one of {sorted(BLOCKS)}.')
     if self.shortcut not in SHORTCUTS:
@@ -137,7 +137,7 @@ class ResNet(nn.Module):
     k = 3 if self.stem == 'cifar' else 7
     s = 1 if self.stem == 'cifar' else 2
     h = self.conv(scale_width(self.stem_width, self.width), (k, k), strides=(s, s),
-                  padding=same_pad(k), use_bias=False, name='conv1')(block_input(x, local))
+                  padding=same_pad(k), use_bias=False, name='conv1')(block_input(x, local, 'conv1'))
     h = self.act(batch_norm(train, 'bn1')(h))
     if self.stem == 'imagenet':
       h = max_pool_3x3_s2(h)
@@ -148,7 +148,8 @@ class ResNet(nn.Module):
         name = f'stage{i}_block{b}'
         h = block_cls(scale_width(c, self.width), stride=2 if i > 1 and b == 0 else 1,
                       shortcut=self.shortcut, conv=scoped(self.conv, name), act=self.act,
-                      name=name)(block_input(h, local), train)
+                      name=name)(block_input(h, local, name), train)
         taps[name] = h
-    logits = self.dense(self.num_classes, name='head')(global_avg_pool(block_input(h, local)))
+    logits = self.dense(self.num_classes, name='head')(
+        global_avg_pool(block_input(h, local, 'head')))
     return logits, taps

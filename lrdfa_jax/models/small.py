@@ -20,15 +20,15 @@ class MLP(nn.Module):
   act: Callable[[Array], Array] = nn.relu
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False, local: bool = False):
+  def __call__(self, x: Array, *, train: bool = False, local: bool | frozenset[str] = False):
     del train
     h = x.reshape(x.shape[0], -1)
     taps = {}
     for i, f in enumerate(self.features, start=1):
       name = f'dense{i}'
-      h = self.act(self.dense(f, name=name)(block_input(h, local)))
+      h = self.act(self.dense(f, name=name)(block_input(h, local, name)))
       taps[name] = h
-    logits = self.dense(self.num_classes, name='head')(block_input(h, local))
+    logits = self.dense(self.num_classes, name='head')(block_input(h, local, 'head'))
     return logits, taps
 
 
@@ -53,7 +53,7 @@ class SmallConv(nn.Module):
   norm: str = 'none'
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False, local: bool = False):
+  def __call__(self, x: Array, *, train: bool = False, local: bool | frozenset[str] = False):
     if self.tap not in ('pooled', 'conv'):
       raise ValueError(f"SmallConv tap must be 'pooled' or 'conv', got {self.tap!r}.")
     if self.norm not in ('none', 'batch'):
@@ -62,7 +62,8 @@ class SmallConv(nn.Module):
     h = x
     for i, w in enumerate(self.widths, start=1):
       name = f'conv{i}'
-      h = self.conv(w, (3, 3), strides=(1, 1), padding='SAME', name=name)(block_input(h, local))
+      h = self.conv(w, (3, 3), strides=(1, 1), padding='SAME',
+                    name=name)(block_input(h, local, name))
       if self.norm == 'batch':
         h = batch_norm(train, f'{name}_bn')(h)
       h = self.act(h)
@@ -72,7 +73,7 @@ class SmallConv(nn.Module):
       if self.tap == 'pooled':
         taps[name] = h
     h = h.reshape(h.shape[0], -1)
-    h = self.act(self.dense(self.hidden, name='fc1')(block_input(h, local)))
+    h = self.act(self.dense(self.hidden, name='fc1')(block_input(h, local, 'fc1')))
     taps['fc1'] = h
-    logits = self.dense(self.num_classes, name='head')(block_input(h, local))
+    logits = self.dense(self.num_classes, name='head')(block_input(h, local, 'head'))
     return logits, taps

@@ -36,7 +36,7 @@ class VGG(nn.Module):
   act: Callable[[Array], Array] = nn.relu
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False, local: bool = False):
+  def __call__(self, x: Array, *, train: bool = False, local: bool | frozenset[str] = False):
     taps = {}
     h = x
     i = 0
@@ -45,7 +45,7 @@ class VGG(nn.Module):
         i += 1
         name = f'conv{i}'
         h = self.conv(scale_width(c, self.width), (3, 3), strides=(1, 1), padding=same_pad(3),
-                      use_bias=False, name=name)(block_input(h, local))
+                      use_bias=False, name=name)(block_input(h, local, name))
         h = self.act(batch_norm(train, f'bn{i}')(h))
         if j == len(stage) - 1:
           h = max_pool_2x2(h)
@@ -53,7 +53,7 @@ class VGG(nn.Module):
     h = h.reshape(h.shape[0], -1)
     for k, f in enumerate(self.hidden, start=1):
       name = f'fc{k}'
-      h = self.act(self.dense(scale_width(f, self.width), name=name)(block_input(h, local)))
+      h = self.act(self.dense(scale_width(f, self.width), name=name)(block_input(h, local, name)))
       taps[name] = h
-    logits = self.dense(self.num_classes, name='head')(block_input(h, local))
+    logits = self.dense(self.num_classes, name='head')(block_input(h, local, 'head'))
     return logits, taps
