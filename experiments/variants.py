@@ -107,12 +107,18 @@ MODULES = {'k3': 'conv3+fc1+head', 'k2': 'conv1+conv2,conv3+fc1+head'}
 for _k, _m in MODULES.items():
   VARIANTS[f'ssa_local_pred_{_k}_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
                                          'dfa.modules': _m}, False)
+# ... and on the zoo's ResNets one module per stage (the stem joins stage 1, the classifier stage
+# 3): a local loss every 3 blocks (ResNet-20) instead of every block
+STAGE_MODULES = 'conv1+stage1_*,stage2_*,stage3_*+head'
+VARIANTS['ssa_local_pred_stages'] = ({**VARIANTS['ssa_local_pred'][0],
+                                      'dfa.modules': STAGE_MODULES}, False)
 # an ablation's learning rate is its base variant's tuned one
 BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': 'svd_bp',
         'ssa_local_pred_wide_bn': 'ssa_local_pred_bn', 'ssa_local_mlp_bn': 'ssa_local_pred_bn',
         'ssa_local_predsim_bn': 'ssa_local_pred_bn', 'ssa_local_pred_fblr_bn': 'ssa_local_pred_bn',
         **{f'ssa_local_pred_bp_{b}_bn': 'ssa_local_pred_bn' for b in (*BP_BLOCKS, 'all')},
         **{f'ssa_local_pred_{k}_bn': 'ssa_local_pred_bn' for k in MODULES},
+        'ssa_local_pred_stages': 'ssa_local_pred',
         'ssa_channel_noalign': 'ssa_channel', 'ssa_channel_noorth': 'ssa_channel',
         **{f'{m}_{v}': m for m in ('ssa', 'svd_bp') for v in ('r8', 'reduce', 'reduce_hoyer', 'reduce_h01')}}
 

@@ -187,14 +187,20 @@ def parse_overrides(text: str) -> dict[str, Any]:
   return out
 
 
-def build_feedback(config, key, params, tap_shapes, num_classes) -> fb.Feedback:
-  """Structured feedback for ``ssa``, dense random for ``dfa``; none for backprop."""
+def build_feedback(config, key, params, tap_shapes, num_classes,
+                   order: tuple[str, ...] = ()) -> fb.Feedback:
+  """Structured feedback for ``ssa``, dense random for ``dfa``; none for backprop.
+
+  ``order``: the taps in forward order, which the patterns of ``dfa.modules`` expand over
+  (default: ``tap_shapes``' order).
+  """
   d = config.dfa
   if d.method not in LOCAL_METHODS:
     return fb.Feedback(groups={}, index=())
   kind = d.feedback if d.feedback != 'auto' else ('structured' if d.method == 'ssa' else 'dense')
-  inner = {n for m in parse_modules(d.get('modules', '')) for n in m[:-1]}
-  tap_shapes = {n: s for n, s in tap_shapes.items() if n not in inner}  # no signal within a module
+  modules = parse_modules(d.get('modules', ''), tuple(order or tap_shapes))
+  inner = {n for m in modules for n in m[:-1]}  # no signal inside a module
+  tap_shapes = {n: s for n, s in tap_shapes.items() if n not in inner}
   ranks = {}
   for name in tap_shapes:
     layer = models.output_layer(params, name)  # the layer that writes the tap
@@ -240,7 +246,7 @@ def check_modules(config: ml_collections.ConfigDict, order: tuple[str, ...]) -> 
   if d.get('bp_blocks', ()):
     raise ConfigError('dfa.modules and dfa.bp_blocks do not combine; set one of them.')
   try:
-    modules = parse_modules(text)
+    modules = parse_modules(text, order)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   blocks = (*order, 'head')
@@ -282,7 +288,8 @@ def create_train_state(config, model, tx, image_shape, num_classes, key,
   variables = model.init(k_init, x, train=False)
   params = variables['params']
   shapes = jax.eval_shape(lambda v: model.apply(v, x, train=False)[1], variables)
-  feedback = build_feedback(config, k_fb, params, shapes, num_classes)
+  order = tap_order(model, image_shape) if config.dfa.get('modules', '') else ()
+  feedback = build_feedback(config, k_fb, params, shapes, num_classes, order)
   feedback_tx = build_feedback_tx(config, steps_per_epoch)
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                            batch_stats=variables.get('batch_stats'), feedback=feedback,
@@ -307,7 +314,8 @@ def build_tx(config, total_steps: int) -> tuple[optax.GradientTransformation, op
 
 def step_config(config: ml_collections.ConfigDict, model, image_shape) -> StepConfig:
   """The run's :class:`StepConfig`, with the model's tap order when ``dfa.align='next'``."""
-  order = tap_order(model, image_shape) if config.dfa.align == 'next' else ()
+  d = config.dfa
+  order = tap_order(model, image_shape) if d.align == 'next' or d.get('modules', '') else ()
   return StepConfig.from_config(config, order)
 
 

@@ -8,6 +8,7 @@ state, :mod:`lrdfa_jax.train` runs the loop.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 from typing import Any
 
@@ -61,7 +62,7 @@ class StepConfig:
   def from_config(cls, config: ml_collections.ConfigDict,
                   tap_order: tuple[str, ...] = ()) -> 'StepConfig':
     """The step of ``config`` (``tap_order``: the model's taps in forward order, for
-    ``align='next'``)."""
+    ``align='next'`` and the patterns of ``dfa.modules``)."""
     d = config.dfa
     return cls(method=d.method, align=d.align, align_weight=float(d.align_weight),
                tap_order=tuple(tap_order) if d.align == 'next' else (),
@@ -72,25 +73,40 @@ class StepConfig:
                learn_feedback=(d.get('learn_feedback', 'none') if d.method in LOCAL_METHODS
                                else 'none'),
                bp_blocks=(tuple(d.get('bp_blocks', ())) if d.method in LOCAL_METHODS else ()),
-               modules=(parse_modules(d.get('modules', '')) if d.method in LOCAL_METHODS
-                        else ()),
+               modules=(parse_modules(d.get('modules', ''), tuple(tap_order))
+                        if d.method in LOCAL_METHODS else ()),
                xla_scheduler=(config.get('train') or {}).get('xla_scheduler', 'auto'))
 
 
 
-def parse_modules(text: str) -> tuple[tuple[str, ...], ...]:
+def parse_modules(text: str, order: tuple[str, ...] = ()) -> tuple[tuple[str, ...], ...]:
   """``dfa.modules`` (``'conv1+conv2,conv3+fc1+head'``) as ``(('conv1', 'conv2'), ...)``.
 
-  Each module is a run of consecutive blocks in forward order (``head``: the classifier);
-  :func:`lrdfa_jax.build.setup` checks the names against the model.
+  Each module is a run of consecutive blocks in forward order (``head``: the classifier). A
+  name may be an fnmatch pattern (``'conv1+stage1_*,stage2_*,stage3_*+head'``: one module per
+  ResNet stage), expanded over ``order``, the model's taps in forward order;
+  :func:`lrdfa_jax.build.check_modules` checks the result against the model.
   """
+  blocks = (*order, 'head')
   out = []
   for item in filter(None, (t.strip() for t in text.split(','))):
-    names = tuple(n.strip() for n in item.split('+'))
+    names: list[str] = []
+    for part in (n.strip() for n in item.split('+')):
+      if not any(ch in part for ch in '*?['):
+        names.append(part)
+        continue
+      if not order:
+        raise ValueError(f'dfa.modules pattern {part!r} needs the model\'s blocks: build the '
+                         'step with lrdfa_jax.build.step_config.')
+      hits = [b for b in blocks if fnmatch.fnmatchcase(b, part)]
+      if not hits:
+        raise ValueError(f'dfa.modules pattern {part!r} matches no block; the blocks in '
+                         f'forward order are {list(blocks)}.')
+      names += hits
     if len(names) < 2 or not all(names):
       raise ValueError(f'dfa.modules item {item!r} must join two or more blocks with +, '
                        "e.g. 'conv3+fc1+head'.")
-    out.append(names)
+    out.append(tuple(names))
   return tuple(out)
 
 

@@ -618,6 +618,33 @@ def test_modules_backprop_within_and_cut_between():
                got, jax.grad(lambda p: ce(forward(p)[0]))(run.state.params))
 
 
+def test_module_patterns_expand_over_the_blocks_of_a_resnet():
+  """'conv1+stage1_*,stage2_*,stage3_*+head' on ResNet-20: one module per stage; a stage's
+  first block learns from the stage's last readout through the residual blocks between."""
+  from configs import zoo
+  c = zoo.get_config('resnet20,cifar10,smoke')
+  c.dfa.update(method='ssa', signal='local', modules='conv1+stage1_*,stage2_*,stage3_*+head')
+  run = build.setup(c)
+  stage = lambda i: tuple(f'stage{i}_block{b}' for b in range(3))
+  assert run.step_cfg.modules == (('conv1', *stage(1)), stage(2), (*stage(3), 'head'))
+  state, fb = run.state, run.state.feedback
+  assert set(fb.names) == {'stage1_block2', 'stage2_block2'}
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
+           'label': jnp.asarray([0, 1, 2, 3])}
+  got, _ = steps_lib.compute_updates(run.step_cfg, state, batch)
+
+  def stage2_ce(params):
+    (_, taps), _ = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
+                                  batch['image'], train=True, mutable=['batch_stats'])
+    return signals.local_loss(taps['stage2_block2'], fb.block('stage2_block2'), batch['label'])
+  want = jax.grad(stage2_ce)(state.params)['stage2_block0']
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
+               got['stage2_block0'], want)
+  with pytest.raises(train.ConfigError, match="pattern 'stage9_\\*' matches no block"):
+    build.setup(_with(c, dfa__modules='stage9_*+head'))
+
+
 @pytest.mark.parametrize('modules, kw, message', [
     ('conv1+conv3', {}, "'conv1\\+conv3' is not a run of consecutive blocks"),
     ('conv3+head', {}, 'not a run of consecutive blocks'),
