@@ -46,7 +46,7 @@ def count(config, method: str) -> dict:
   x = jnp.zeros((1, *info['image_shape']), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
   params = variables['params']
-  taps = jax.eval_shape(lambda v: model.apply(v, x)[1], variables)
+  taps = build.tap_shapes(model, info['image_shape'])
   feedback = jax.eval_shape(lambda p: build.build_feedback(c, jax.random.key(1), p, taps,
                                                            info['num_classes']), params)
   factored = method in steps_lib.FACTORED_METHODS

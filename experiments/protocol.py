@@ -23,8 +23,8 @@ import os
 from absl import app, flags
 
 from experiments import report
-from experiments.variants import (DATASETS, MODELS, VARIANTS, chosen_lr, config_for,
-                                 finished_summary, tuned_model)
+from experiments.variants import (DATASETS, MODELS, VARIANTS, applies, check_variants,
+                                 chosen_lr, config_for, finished_summary, tuned_model)
 from lrdfa_jax import train
 
 _RUNDIR = flags.DEFINE_string('rundir', 'runs/protocol', 'Where the runs live.')
@@ -46,8 +46,12 @@ def main(argv):
   if tuned_model(_TUNING.value) not in (None, _MODEL.value):
     raise app.UsageError(f'{_TUNING.value} tunes {tuned_model(_TUNING.value)}, not '
                          f'{_MODEL.value}: pass that model\'s experiments.tune output.')
+  try:
+    check_variants(_ONLY.value or (), _MODEL.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   for variant, (_, all_seeds) in VARIANTS.items():
-    if _ONLY.value and variant not in _ONLY.value:
+    if _ONLY.value and variant not in _ONLY.value or not applies(variant, _MODEL.value):
       continue
     for seed in seeds if all_seeds else seeds[:1]:
       c = config_for(variant, seed, _EPOCHS.value, _DATASET.value, _MODEL.value)

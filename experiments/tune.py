@@ -21,7 +21,7 @@ import os
 
 from absl import app, flags
 
-from experiments.variants import DATASETS, MODELS, config_for, finished_summary
+from experiments.variants import DATASETS, MODELS, check_variants, config_for, finished_summary
 from lrdfa_jax import train
 
 _RUNDIR = flags.DEFINE_string('rundir', 'runs/tune', 'Where the runs live.')
@@ -103,6 +103,10 @@ def main(argv):
   overrides = parse_set(_SET.value)
   if overrides and not _TAG.value:
     raise app.UsageError('--set needs a --tag to name the probe.')
+  try:
+    check_variants(_VARIANTS.value, _MODEL.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   doc = load(_OUT.value, dataset=_DATASET.value, model=_MODEL.value)
   doc.update(epochs=_EPOCHS.value, validation_size=_VAL.value, dataset=_DATASET.value,
              model=_MODEL.value)

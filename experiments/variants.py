@@ -110,6 +110,7 @@ for _k, _m in MODULES.items():
 # ... and on the zoo's ResNets one module per stage (the stem joins stage 1, the classifier stage
 # 3): a local loss every 3 blocks (ResNet-20) instead of every block
 STAGE_MODULES = 'conv1+stage1_*,stage2_*,stage3_*+head'
+STAGED_MODELS = ('resnet20', 'resnet32', 'resnet56')  # the nets whose blocks it names
 VARIANTS['ssa_local_pred_stages'] = ({**VARIANTS['ssa_local_pred'][0],
                                       'dfa.modules': STAGE_MODULES}, False)
 # an ablation's learning rate is its base variant's tuned one
@@ -141,6 +142,10 @@ def config_for(variant: str, seed: int, epochs: int, dataset: str = 'cifar10',
   if model not in MODELS:
     raise ValueError(f'model {model!r} is not one of {", ".join(MODELS)}')
   fields = VARIANTS[variant][0]
+  if fields.get('dfa.modules') == STAGE_MODULES and model not in STAGED_MODELS:
+    raise ValueError(f'variant {variant!r} makes one module per ResNet stage; it applies to '
+                     f'{", ".join(STAGED_MODELS)}, not {model} (on small_conv: '
+                     "'ssa_local_pred_k2_bn').")
   if model == 'small_conv':
     c = cifar10.get_config()
     c.data.name = dataset
@@ -158,6 +163,24 @@ def config_for(variant: str, seed: int, epochs: int, dataset: str = 'cifar10',
   c.train.epochs = epochs
   c.train.progress_bar = False
   return c
+
+
+def applies(variant: str, model: str) -> bool:
+  """Whether :func:`config_for` builds ``variant`` on ``model`` (the ``_bn`` variants change
+  SmallConv only; the per-stage modules need a CIFAR ResNet)."""
+  try:
+    config_for(variant, 0, 1, model=model)
+  except ValueError:
+    return False
+  return True
+
+
+def check_variants(names, model: str) -> None:
+  """Raises ValueError (one line) unless every name is a variant that applies to ``model``."""
+  for v in names:
+    if v not in VARIANTS:
+      raise ValueError(f'{v!r} is no variant of experiments/variants.py.')
+    config_for(v, 0, 1, model=model)
 
 
 def chosen_lr(path: str, variant: str) -> float | None:

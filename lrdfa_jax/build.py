@@ -48,6 +48,12 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if not config.opt.lr > 0:
     raise ConfigError(f'opt.lr={config.opt.lr}: the learning rate must be positive '
                       '(e.g. 1e-3).')
+  if config.dfa.get('modules', ''):
+    if method not in LOCAL_METHODS:
+      raise ConfigError(f'dfa.modules groups the blocks of a local method; {method} is not '
+                        f'local ({", ".join(LOCAL_METHODS)}). Leave it empty.')
+    if config.dfa.get('bp_blocks', ()):
+      raise ConfigError('dfa.modules and dfa.bp_blocks do not combine; set one of them.')
   r = config.get('rank')
   if r is not None and r.epochs:
     if method not in FACTORED_METHODS:
@@ -187,18 +193,17 @@ def parse_overrides(text: str) -> dict[str, Any]:
   return out
 
 
-def build_feedback(config, key, params, tap_shapes, num_classes,
-                   order: tuple[str, ...] = ()) -> fb.Feedback:
+def build_feedback(config, key, params, tap_shapes, num_classes) -> fb.Feedback:
   """Structured feedback for ``ssa``, dense random for ``dfa``; none for backprop.
 
-  ``order``: the taps in forward order, which the patterns of ``dfa.modules`` expand over
-  (default: ``tap_shapes``' order).
+  ``tap_shapes``: name -> shape of every tap, in forward order (:func:`tap_shapes`; the
+  patterns of ``dfa.modules`` expand over that order; the draws do not depend on it).
   """
   d = config.dfa
   if d.method not in LOCAL_METHODS:
     return fb.Feedback(groups={}, index=())
   kind = d.feedback if d.feedback != 'auto' else ('structured' if d.method == 'ssa' else 'dense')
-  modules = parse_modules(d.get('modules', ''), tuple(order or tap_shapes))
+  modules = parse_modules(d.get('modules', ''), tuple(tap_shapes))
   inner = {n for m in modules for n in m[:-1]}  # no signal inside a module
   tap_shapes = {n: s for n, s in tap_shapes.items() if n not in inner}
   ranks = {}
@@ -237,14 +242,9 @@ def tap_order(model, image_shape) -> tuple[str, ...]:
 
 def check_modules(config: ml_collections.ConfigDict, order: tuple[str, ...]) -> None:
   """Fails unless ``dfa.modules`` names runs of consecutive blocks of the model (``order``:
-  its taps in forward order, then ``head``), each block in one module, for a local method."""
-  d = config.dfa
-  text = d.get('modules', '')
-  if d.method not in LOCAL_METHODS:
-    raise ConfigError(f'dfa.modules groups the blocks of a local method; {d.method} is not '
-                      f'local ({", ".join(LOCAL_METHODS)}). Leave it empty.')
-  if d.get('bp_blocks', ()):
-    raise ConfigError('dfa.modules and dfa.bp_blocks do not combine; set one of them.')
+  its taps in forward order, then ``head``), each block in one module (the method is checked
+  by :func:`check_config`)."""
+  text = config.dfa.get('modules', '')
   try:
     modules = parse_modules(text, order)
   except ValueError as e:
@@ -287,9 +287,7 @@ def create_train_state(config, model, tx, image_shape, num_classes, key,
   x = jnp.zeros((1, *image_shape), jnp.float32)
   variables = model.init(k_init, x, train=False)
   params = variables['params']
-  shapes = jax.eval_shape(lambda v: model.apply(v, x, train=False)[1], variables)
-  order = tap_order(model, image_shape) if config.dfa.get('modules', '') else ()
-  feedback = build_feedback(config, k_fb, params, shapes, num_classes, order)
+  feedback = build_feedback(config, k_fb, params, tap_shapes(model, image_shape), num_classes)
   feedback_tx = build_feedback_tx(config, steps_per_epoch)
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                            batch_stats=variables.get('batch_stats'), feedback=feedback,

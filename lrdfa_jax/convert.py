@@ -108,6 +108,9 @@ class Converted(nn.Module):
     nn.share_scope(self, self.module)
 
   def __call__(self, *args, local: bool = False, **kwargs):
+    if isinstance(local, (set, frozenset)):
+      raise ValueError('convert: a converted model cuts every block or none (local=True/False); '
+                       'dfa.modules (block-wise backprop) needs a model of lrdfa_jax.models.')
     units: list[str] = []   # blocks in call order
     taps: dict[str, Array] = {}
     active: list[nn.Module] = []  # declared blocks being called (their own methods pass through)

@@ -145,6 +145,8 @@ def test_each_block_learns_from_its_own_signal_only():
   for name in base:
     same = _close(got[name], base[name], 0)
     assert same == (name != 'Conv_1'), name
+  with pytest.raises(ValueError, match='cuts every block or none'):  # no dfa.modules here
+    model.apply(variables, X, local=frozenset({'Conv_1'}))
 
 
 def test_a_residual_add_across_blocks_is_refused_and_a_declared_block_trains():

@@ -97,6 +97,9 @@ def test_protocol_variants_share_one_pipeline():
   from experiments import variants as protocol
   base = protocol.config_for('bp', 0, 10).to_dict()
   for name in protocol.VARIANTS:
+    if not protocol.applies(name, 'small_conv'):  # one module per ResNet stage
+      assert name == 'ssa_local_pred_stages' and protocol.applies(name, 'resnet20')
+      continue
     c = protocol.config_for(name, 1, 10).to_dict()
     assert c['train']['epochs'] == 10 and c['train']['seed'] == 1
     for section in ('data', 'opt', 'model'):
@@ -146,6 +149,17 @@ def test_protocol_variants_share_one_pipeline():
     protocol.config_for('ssa_local_pred_bn', 0, 10, model='resnet20')
   with pytest.raises(ValueError, match='not one of small_conv, resnet20'):
     protocol.config_for('ssa', 0, 10, model='resnet18')
+  with pytest.raises(ValueError, match="one module per ResNet stage.*not small_conv"):
+    protocol.check_variants(['ssa', 'ssa_local_pred_stages'], 'small_conv')
+  with pytest.raises(ValueError, match="'ssa_nope' is no variant"):
+    protocol.check_variants(['ssa_nope'], 'small_conv')
+  # the variants whose fields name blocks build on every model they apply to
+  from lrdfa_jax import build
+  for name, (fields, _) in protocol.VARIANTS.items():
+    if fields.get('dfa.modules') or fields.get('dfa.bp_blocks'):
+      for model in ('small_conv', 'resnet20'):
+        if protocol.applies(name, model):
+          build.setup(protocol.config_for(name, 0, 1, model=model))
   assert protocol.config_for('ssa_noalign', 0, 10).dfa.align == 'none'
   assert protocol.config_for('ssa', 0, 10).dfa.delivery == 'full'
   for name in ('ssa_channel', 'dfa_channel', 'ssa_channel_noalign', 'ssa_channel_noorth'):

@@ -643,6 +643,13 @@ def test_module_patterns_expand_over_the_blocks_of_a_resnet():
                got['stage2_block0'], want)
   with pytest.raises(train.ConfigError, match="pattern 'stage9_\\*' matches no block"):
     build.setup(_with(c, dfa__modules='stage9_*+head'))
+  # forward order, not the sorted one (block10 sorts before block2): MobileNet's 13 blocks
+  m = zoo.get_config('mobilenet_v1,cifar10,smoke')
+  m.model.kwargs.width = 0.25
+  m.dfa.update(method='ssa', signal='local', modules='conv1+block*')
+  run = build.setup(m)
+  assert run.step_cfg.modules == (('conv1', *(f'block{i}' for i in range(1, 14))),)
+  assert run.state.feedback.names == ('block13',)
 
 
 @pytest.mark.parametrize('modules, kw, message', [

@@ -76,7 +76,7 @@ def block_input(x: Array, local: bool | frozenset[str], name: str = '') -> Array
   frozenset of block names whose input stays joined to the block below (``dfa.modules``:
   backprop within a module, a cut between modules); every other block's input is cut.
   """
-  cut = local is True or (isinstance(local, frozenset) and name not in local)
+  cut = (name not in local) if isinstance(local, (set, frozenset)) else bool(local)
   return jax.lax.stop_gradient(x) if cut else x
 
 
