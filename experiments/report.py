@@ -70,7 +70,7 @@ def variant(summary: dict) -> str:
   if d.get('bp_blocks') and label.split()[0] in ('dfa', 'ssa'):
     label += f' (backprop on {", ".join(d["bp_blocks"])})'
   if d.get('modules') and label.split()[0] in ('dfa', 'ssa'):
-    label += f' (modules {" | ".join(d["modules"].split(","))})'
+    label += f' (modules {", ".join(m.strip() for m in d["modules"].split(",") if m.strip())})'
   m = summary['config'].get('model', {})
   if summary['method'] in FACTORED_METHODS:  # the rank: marked when not configs/default.py's 1/4
     reduce = summary['config'].get('rank', {})
@@ -84,6 +84,13 @@ def variant(summary: dict) -> str:
   if (m.get('kwargs') or {}).get('norm') == 'batch':
     label += f' (BN, {m.get("act")})'
   return label
+
+
+def file_stem(summary: dict) -> str:
+  """The exported summary's file name (no extension): model, variant label and seed."""
+  return (f"{summary['model']}_{summary['variant']}_seed{summary['seed']}"
+          .replace(' + ', ' ').replace(',', '').replace(' ', '_')
+          .replace('−', 'no-').replace('(', '').replace(')', ''))
 
 
 def export_run(run_dir: str, out_dir: str) -> str:
@@ -100,10 +107,7 @@ def export_run(run_dir: str, out_dir: str) -> str:
   summary['curves'] = {'steps_per_epoch': steps_per_epoch, **curves}
   summary['variant'] = variant(summary)
   os.makedirs(out_dir, exist_ok=True)
-  name = (f"{summary['model']}_{summary['variant']}_seed{summary['seed']}"
-          .replace(' + ', ' ').replace(',', '').replace(' ', '_').replace('−', 'no-')
-          .replace('(', '').replace(')', ''))
-  path = os.path.join(out_dir, name + '.json')
+  path = os.path.join(out_dir, file_stem(summary) + '.json')
   with open(path, 'w') as f:
     json.dump(summary, f, indent=1)
   return path

@@ -83,7 +83,9 @@ def test_variant_labels():
   assert report.variant(s) == 'ssa + local error + sim + learned readout (backprop on conv2)'
   s['config']['dfa'].update(bp_blocks=[], modules='conv1+conv2,conv3+fc1+head')
   assert report.variant(s) == ('ssa + local error + sim + learned readout '
-                               '(modules conv1+conv2 | conv3+fc1+head)')
+                               '(modules conv1+conv2, conv3+fc1+head)')
+  assert report.file_stem({'model': 'small_conv', 'seed': 0, 'variant': report.variant(s)}) == \
+      'small_conv_ssa_local_error_sim_learned_readout_modules_conv1+conv2_conv3+fc1+head_seed0'
   s['config']['dfa'].update(learn_feedback='none', modules='')
   s['config']['model'].update(kwargs={'norm': 'batch'}, act='leaky_relu')
   assert report.variant(s) == 'ssa + local error + sim (BN, leaky_relu)'
