@@ -36,8 +36,8 @@ def variant(summary: dict) -> str:
 
   Only the dfa fields are read (method, align, orth_weight, delivery, signal, readout_dim,
   readout_layers, sim_weight, learn_feedback and its feedback_lr, bp_blocks, modules); runs that
-  differ in
-  model or training settings share a label, so keep such runs in separate result folders.
+  differ in model or training settings share a label, so keep such runs in separate result
+  folders.
   Channel-broadcast feedback is marked because configs/cifar10.py delivers full maps. For
   the factored methods the rank is marked when it is not the default 1/4, with the rank
   reduction schedule (``rank.*``) and the Hoyer weight when they are on.

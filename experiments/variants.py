@@ -110,9 +110,12 @@ for _k, _m in MODULES.items():
 # ... and on the zoo's ResNets one module per stage (the stem joins stage 1, the classifier stage
 # 3): a local loss every 3 blocks (ResNet-20) instead of every block
 STAGE_MODULES = 'conv1+stage1_*,stage2_*,stage3_*+head'
-STAGED_MODELS = ('resnet20', 'resnet32', 'resnet56')  # the nets whose blocks it names
 VARIANTS['ssa_local_pred_stages'] = ({**VARIANTS['ssa_local_pred'][0],
                                       'dfa.modules': STAGE_MODULES}, False)
+# variants whose fields name blocks of some models only -> those models (and the advice for others)
+ONLY_ON = {'ssa_local_pred_stages': (('resnet20', 'resnet32', 'resnet56'),
+                                     "one module per ResNet stage; on small_conv: "
+                                     "'ssa_local_pred_k2_bn'")}
 # an ablation's learning rate is its base variant's tuned one
 BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': 'svd_bp',
         'ssa_local_pred_wide_bn': 'ssa_local_pred_bn', 'ssa_local_mlp_bn': 'ssa_local_pred_bn',
@@ -142,10 +145,9 @@ def config_for(variant: str, seed: int, epochs: int, dataset: str = 'cifar10',
   if model not in MODELS:
     raise ValueError(f'model {model!r} is not one of {", ".join(MODELS)}')
   fields = VARIANTS[variant][0]
-  if fields.get('dfa.modules') == STAGE_MODULES and model not in STAGED_MODELS:
-    raise ValueError(f'variant {variant!r} makes one module per ResNet stage; it applies to '
-                     f'{", ".join(STAGED_MODELS)}, not {model} (on small_conv: '
-                     "'ssa_local_pred_k2_bn').")
+  models, why = ONLY_ON.get(variant, (MODELS, ''))
+  if model not in models:
+    raise ValueError(f'variant {variant!r} applies to {", ".join(models)}, not {model} ({why}).')
   if model == 'small_conv':
     c = cifar10.get_config()
     c.data.name = dataset

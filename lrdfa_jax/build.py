@@ -221,17 +221,19 @@ def build_feedback(config, key, params, tap_shapes, num_classes) -> fb.Feedback:
                           ranks=ranks, scale=d.feedback_scale)
 
 
-def tap_shapes(model, image_shape) -> dict[str, jax.ShapeDtypeStruct]:
-  """The model's taps as shapes (batch 1), in forward order (pytrees sort dict keys; this does not)."""
+def tap_shapes(model, image_shape, variables=None) -> dict[str, jax.ShapeDtypeStruct]:
+  """The model's taps as shapes (batch 1), in forward order (pytrees sort dict keys; this does
+  not). ``variables``: the model's, if at hand (else they are traced from an init)."""
   order: dict[str, Any] = {}
   x = jnp.zeros((1, *image_shape), jnp.float32)
 
-  def taps(x):
-    variables = model.init(jax.random.key(0), x, train=False)
+  def taps(x, variables):
+    if variables is None:
+      variables = model.init(jax.random.key(0), x, train=False)
     out = model.apply(variables, x, train=False)[1]
     order.update((n, None) for n in out)  # recorded while tracing, before the output is flattened
     return out
-  shapes = jax.eval_shape(taps, x)
+  shapes = jax.eval_shape(taps, x, variables)
   return {n: shapes[n] for n in order}
 
 
@@ -287,7 +289,8 @@ def create_train_state(config, model, tx, image_shape, num_classes, key,
   x = jnp.zeros((1, *image_shape), jnp.float32)
   variables = model.init(k_init, x, train=False)
   params = variables['params']
-  feedback = build_feedback(config, k_fb, params, tap_shapes(model, image_shape), num_classes)
+  feedback = build_feedback(config, k_fb, params, tap_shapes(model, image_shape, variables),
+                            num_classes)
   feedback_tx = build_feedback_tx(config, steps_per_epoch)
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                            batch_stats=variables.get('batch_stats'), feedback=feedback,
@@ -311,7 +314,8 @@ def build_tx(config, total_steps: int) -> tuple[optax.GradientTransformation, op
 
 
 def step_config(config: ml_collections.ConfigDict, model, image_shape) -> StepConfig:
-  """The run's :class:`StepConfig`, with the model's tap order when ``dfa.align='next'``."""
+  """The run's :class:`StepConfig`, with the model's tap order when ``dfa.align='next'`` or
+  ``dfa.modules`` needs it."""
   d = config.dfa
   order = tap_order(model, image_shape) if d.align == 'next' or d.get('modules', '') else ()
   return StepConfig.from_config(config, order)

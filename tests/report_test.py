@@ -151,7 +151,8 @@ def test_protocol_variants_share_one_pipeline():
     protocol.config_for('ssa_local_pred_bn', 0, 10, model='resnet20')
   with pytest.raises(ValueError, match='not one of small_conv, resnet20'):
     protocol.config_for('ssa', 0, 10, model='resnet18')
-  with pytest.raises(ValueError, match="one module per ResNet stage.*not small_conv"):
+  with pytest.raises(ValueError, match=r"applies to resnet20, resnet32, resnet56, not "
+                                       r"small_conv \(one module per ResNet stage"):
     protocol.check_variants(['ssa', 'ssa_local_pred_stages'], 'small_conv')
   with pytest.raises(ValueError, match="'ssa_nope' is no variant"):
     protocol.check_variants(['ssa_nope'], 'small_conv')
