@@ -13,8 +13,8 @@ Commands (run from the repository root; each writes ``OUT.json`` and ``OUT.md``)
       --out=benchmarks/results/cpu_depth_sweep.json
   # XLA:CPU's memory-minimising scheduler (its default favours concurrency, which keeps the
   # independent per-block backward passes of dfa/ssa alive at once and inflates their temp bytes),
-  # as the training runs use it (train.xla_scheduler, per program; the default 'auto' picks
-  # it except for dfa/ssa under the local signal) or for every program
+  # as the training runs use it (train.xla_scheduler, per program; the default 'auto' compiles
+  # the train step under both and keeps the smaller program) or for every program
   python -m benchmarks.step ... --set=train.xla_scheduler=memory
   python -m benchmarks.step ... \
       --xla_flags=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED
@@ -285,7 +285,8 @@ def prepare_step(v: Variant, batch, mesh, image_shape, num_classes, dense_params
       'batch_stats_bytes': tree_bytes(state.batch_stats),
       'feedback_bytes': tree_bytes(state.feedback),
       'compile_s': compile_s,
-      'xla_scheduler_used': steps_lib.scheduler_for(cfg),  # train.xla_scheduler=auto resolved
+      'xla_scheduler_used': (train_fn.chosen if isinstance(train_fn, steps_lib.SmallerProgram)
+                             else steps_lib.scheduler_for(cfg)),  # auto: the measured choice
       **compiled_stats(v.compiled),
   })
 

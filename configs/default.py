@@ -101,8 +101,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   t.heartbeat_s = 100        # a dead process makes the others abort after this many seconds
   t.progress_bar = True
   t.xla_scheduler = 'auto'   # auto | default | memory: XLA:CPU's scheduler for the train step
-  #                           (same update; auto: default under the local signal, memory-minimising
-  #                           otherwise, the lower temporaries of each; docs/benchmarks.md)
+  #                           (same update; auto: compile under both, keep the program with fewer
+  #                           temporary bytes; doubles its compile time; docs/benchmarks.md)
   t.max_loss = 0.0           # stop (diverged) when the train loss exceeds it; 0: 20 × ln(classes)
 
   if arg:

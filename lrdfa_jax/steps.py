@@ -234,25 +234,67 @@ XLA_SCHEDULERS = ('auto', *_CPU_SCHEDULER_TYPES)
 
 
 def scheduler_for(cfg: StepConfig) -> str:
-  """``cfg.xla_scheduler`` with ``'auto'`` resolved for the step's method and signal.
+  """``cfg.xla_scheduler`` with ``'auto'`` resolved by rule, for the programs that are not
+  measured (the angle step's two updates; the train step measures, :class:`SmallerProgram`).
 
-  ``'auto'`` takes XLA:CPU's default scheduler for a local method under the local signal and
-  the memory-minimising one for everything else. Measured with ``benchmarks.step``
-  (``docs/benchmarks.md``): under the local signal the default scheduler frees each block's
-  activations right after its own backward, which keeps ssa's temporaries flat in depth
-  (ResNet-20/56: 192 / 211 MiB), where the memory scheduler runs the blocks' backward passes
-  late and holds them (253 / 719 MiB); every other step (bp, svd_bp, the global signal) holds
-  all blocks' activations until the output error is known, and there the memory scheduler
-  takes 18–45 % off the temporaries (ResNet-56 bp 1,106 → 787 MiB, ssa 1,240 → 711). The
-  mixed signal needs the output error in every block too, so it goes with the global one (by
-  that reasoning; not measured). The rule is the ResNets': on the BN SmallConv under the local
-  signal the memory scheduler gives the smaller program (ssa 57.9 against 121.5 MiB; with
-  ``dfa.modules`` 71.5 against 113.5), so set ``'memory'`` there by hand.
+  The rule takes XLA:CPU's default scheduler for a local method under the local signal and the
+  memory-minimising one for everything else, what the ResNets measured (``docs/benchmarks.md``):
+  under the local signal the default scheduler frees each block's activations right after its
+  own backward, which keeps ssa's temporaries flat in depth (ResNet-20/56: 192 / 211 MiB), where
+  the memory scheduler runs the blocks' backward passes late and holds them (253 / 719 MiB);
+  every other step (bp, svd_bp, the global and mixed signals) holds all blocks' activations
+  until the output error is known, and there the memory scheduler takes 18–45 % off. The rule
+  is wrong on the BN SmallConv under the local signal (the memory scheduler gives ssa 57.9
+  against 121.5 MiB), which is why the train step does not use it.
   """
   if cfg.xla_scheduler != 'auto':
     return cfg.xla_scheduler
   local = cfg.method in LOCAL_METHODS and cfg.signal == 'local' and not cfg.bp_blocks
   return 'default' if local else 'memory'
+
+
+class SmallerProgram:
+  """A jitted function that compiles under both XLA:CPU schedulers and runs the program with
+  fewer temporary bytes (``train.xla_scheduler='auto'`` on CPU).
+
+  Each new input signature (tree structure, shapes, dtypes, shardings) compiles twice, once a
+  scheduler, and keeps the program whose ``memory_analysis()`` says fewer temporary bytes
+  (ties: the default scheduler); later calls with that signature run it. Both programs compute
+  the same update (the schedulers order the ops, they do not change them), so only memory and
+  compile time depend on the choice; compile time doubles. Every process of a multi-process
+  run measures the same program and so makes the same choice. ``chosen``: the scheduler kept
+  for the last signature compiled (``None`` before the first call).
+  """
+
+  def __init__(self, fn, platform: str, **jit_kwargs):
+    self._jits = {s: jax.jit(fn, compiler_options=compiler_options(s, platform), **jit_kwargs)
+                  for s in _CPU_SCHEDULER_TYPES}
+    self._programs: dict[Any, tuple[str, Any]] = {}
+    self.chosen: str | None = None
+
+  @staticmethod
+  def _signature(args) -> Any:
+    leaves, tree = jax.tree.flatten(args)
+    return tree, tuple((jax.typeof(x), getattr(x, 'sharding', None)) for x in leaves)
+
+  def program(self, *args) -> tuple[str, Any]:
+    """The scheduler kept for ``args``' signature and its compiled program (compiled here
+    under both schedulers the first time)."""
+    key = self._signature(args)
+    if key not in self._programs:
+      compiled = {s: j.lower(*args).compile() for s, j in self._jits.items()}
+      best = min(compiled, key=lambda s: compiled[s].memory_analysis().temp_size_in_bytes)
+      self._programs[key] = best, compiled[best]
+      self.chosen = best
+    return self._programs[key]
+
+  def lower(self, *args):
+    """The kept scheduler's ``jax.stages.Lowered`` for ``args`` (as ``jax.jit(...).lower``;
+    measuring compiles both first)."""
+    return self._jits[self.program(*args)[0]].lower(*args)
+
+  def __call__(self, *args):
+    return self.program(*args)[1](*args)
 
 
 def compiler_options(scheduler: str, platform: str) -> dict[str, str] | None:
@@ -279,16 +321,22 @@ def make_steps(cfg: StepConfig, mesh, state: TrainState):
   backprop's temporaries at once, which makes a local run's peak memory exceed a bp run's (a
   ResNet-56 ssa run under the local signal: 1.18× bp's peak RSS with one program, 1.12× split,
   0.86× with no angle step; the rest is bp's own working set; ``docs/benchmarks.md``).
-  The train step and the angle step's two updates compile with their own step's scheduler
-  (:func:`scheduler_for`, :func:`compiler_options`): backprop's reference update under
-  ``'auto'`` takes the memory scheduler even in a local-signal run.
+  The train step compiles with ``train.xla_scheduler``'s scheduler; under ``'auto'`` on CPU it
+  compiles with both and keeps the program with fewer temporary bytes (:class:`SmallerProgram`).
+  The angle step's two updates, which run once every ``train.angle_every`` steps, resolve
+  ``'auto'`` by rule (:func:`scheduler_for`): backprop's reference update takes the memory
+  scheduler even in a local-signal run.
   """
   repl = NamedSharding(mesh, P())
   state_sharding = jax.tree.map(lambda _: repl, state)
   platform = mesh.devices.flat[0].platform
-  options = compiler_options(scheduler_for(cfg), platform)
-  train = jax.jit(functools.partial(train_step, cfg=cfg), donate_argnums=0,
-                  out_shardings=(state_sharding, repl), compiler_options=options)
+  step = functools.partial(train_step, cfg=cfg)
+  if cfg.xla_scheduler == 'auto' and platform == 'cpu':
+    train = SmallerProgram(step, platform, donate_argnums=0,
+                           out_shardings=(state_sharding, repl))
+  else:
+    train = jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, repl),
+                    compiler_options=compiler_options(scheduler_for(cfg), platform))
   evaluate = jax.jit(eval_step, out_shardings=repl)
   method_updates, bp_updates = (
       jax.jit(lambda state, batch, c=c: compute_updates(c, state, batch)[0], out_shardings=repl,
