@@ -286,7 +286,7 @@ def prepare_step(v: Variant, batch, mesh, image_shape, num_classes, dense_params
       'feedback_bytes': tree_bytes(state.feedback),
       'compile_s': compile_s,
       'xla_scheduler_used': (train_fn.chosen if isinstance(train_fn, steps_lib.SmallerProgram)
-                             else steps_lib.scheduler_for(cfg)),  # auto: the measured choice
+                             else cfg.xla_scheduler),  # auto on CPU: the measured choice
       **compiled_stats(v.compiled),
   })
 

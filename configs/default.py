@@ -102,7 +102,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   t.progress_bar = True
   t.xla_scheduler = 'auto'   # auto | default | memory: XLA:CPU's scheduler for the train step
   #                           (same update; auto: compile under both, keep the program with fewer
-  #                           temporary bytes; doubles its compile time; docs/benchmarks.md)
+  #                           temporary bytes: two compiles per program; docs/benchmarks.md)
   t.max_loss = 0.0           # stop (diverged) when the train loss exceeds it; 0: 20 × ln(classes)
 
   if arg:

@@ -7,6 +7,7 @@ state, :mod:`lrdfa_jax.train` runs the loop.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import fnmatch
 import functools
@@ -19,6 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lrdfa_jax import dfa, feedback as fb
@@ -56,7 +58,7 @@ class StepConfig:
   learn_feedback: str = 'none'     # none | local (learned readouts) | global (DKP)
   bp_blocks: tuple[str, ...] = ()  # blocks whose update is the backprop gradient (diagnosis)
   modules: tuple[tuple[str, ...], ...] = ()  # runs of blocks trained by backprop within (DGL)
-  xla_scheduler: str = 'auto'      # auto | default | memory (XLA:CPU's; :func:`scheduler_for`)
+  xla_scheduler: str = 'auto'      # auto | default | memory (XLA:CPU's; :func:`scheduled_jit`)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
@@ -233,42 +235,38 @@ _CPU_SCHEDULER_TYPES = {'default': None, 'memory': 'CPU_SCHEDULER_TYPE_MEMORY_OP
 XLA_SCHEDULERS = ('auto', *_CPU_SCHEDULER_TYPES)
 
 
-def scheduler_for(cfg: StepConfig) -> str:
-  """``cfg.xla_scheduler`` with ``'auto'`` resolved by rule, for the programs that are not
-  measured (the angle step's two updates; the train step measures, :class:`SmallerProgram`).
-
-  The rule takes XLA:CPU's default scheduler for a local method under the local signal and the
-  memory-minimising one for everything else, what the ResNets measured (``docs/benchmarks.md``):
-  under the local signal the default scheduler frees each block's activations right after its
-  own backward, which keeps ssa's temporaries flat in depth (ResNet-20/56: 192 / 211 MiB), where
-  the memory scheduler runs the blocks' backward passes late and holds them (253 / 719 MiB);
-  every other step (bp, svd_bp, the global and mixed signals) holds all blocks' activations
-  until the output error is known, and there the memory scheduler takes 18–45 % off. The rule
-  is wrong on the BN SmallConv under the local signal (the memory scheduler gives ssa 57.9
-  against 121.5 MiB), which is why the train step does not use it.
-  """
-  if cfg.xla_scheduler != 'auto':
-    return cfg.xla_scheduler
-  local = cfg.method in LOCAL_METHODS and cfg.signal == 'local' and not cfg.bp_blocks
-  return 'default' if local else 'memory'
+def temp_bytes(compiled) -> float:
+  """A compiled program's temporary bytes (``memory_analysis()``; inf where XLA gives none)."""
+  analysis = compiled.memory_analysis()
+  return float('inf') if analysis is None else analysis.temp_size_in_bytes
 
 
 class SmallerProgram:
-  """A jitted function that compiles under both XLA:CPU schedulers and runs the program with
-  fewer temporary bytes (``train.xla_scheduler='auto'`` on CPU).
+  """A jitted function compiled under both XLA:CPU schedulers, run as the program with fewer
+  temporary bytes (``train.xla_scheduler='auto'`` on CPU).
 
-  Each new input signature (tree structure, shapes, dtypes, shardings) compiles twice, once a
-  scheduler, and keeps the program whose ``memory_analysis()`` says fewer temporary bytes
-  (ties: the default scheduler); later calls with that signature run it. Both programs compute
-  the same update (the schedulers order the ops, they do not change them), so only memory and
-  compile time depend on the choice; compile time doubles. Every process of a multi-process
-  run measures the same program and so makes the same choice. ``chosen``: the scheduler kept
-  for the last signature compiled (``None`` before the first call).
+  Each new input signature (tree structure, avals, shardings) lowers once and compiles twice,
+  once a scheduler, and keeps the program that ``measure`` (``(scheduler, compiled) ->
+  number``, default: :func:`temp_bytes`) rates lower (ties: the default scheduler); later calls
+  with that signature run it. Both programs compute the same update (a scheduler orders the
+  ops, it does not change them), so only memory and compile time depend on the choice. In a
+  multi-process run process 0's choice is taken by every process, so that all run one program
+  (one order of collectives). Why a rule does not do: under the local signal XLA:CPU's default
+  scheduler frees each block's activations right after its backward and keeps a ResNet's
+  temporaries flat in depth (ResNet-56 ssa 211 MiB against 719 under the memory scheduler),
+  while on the BN SmallConv, whose first block dominates, the memory scheduler halves them
+  (57.9 against 121.5 MiB); every other step takes the memory one (``docs/benchmarks.md``).
+
+  Not a drop-in ``jax.jit``: positional arguments only, not callable under a transformation. A
+  global ``XLA_FLAGS=--xla_cpu_scheduler_type=...`` overrides both programs' scheduler, and then
+  ``chosen`` names one that did not run. ``chosen``: the scheduler kept for the last signature
+  compiled (``None`` before the first call).
   """
 
-  def __init__(self, fn, platform: str, **jit_kwargs):
+  def __init__(self, fn, platform: str, measure=None, **jit_kwargs):
     self._jits = {s: jax.jit(fn, compiler_options=compiler_options(s, platform), **jit_kwargs)
                   for s in _CPU_SCHEDULER_TYPES}
+    self._measure = measure or (lambda scheduler, compiled: temp_bytes(compiled))
     self._programs: dict[Any, tuple[str, Any]] = {}
     self.chosen: str | None = None
 
@@ -278,15 +276,24 @@ class SmallerProgram:
     return tree, tuple((jax.typeof(x), getattr(x, 'sharding', None)) for x in leaves)
 
   def program(self, *args) -> tuple[str, Any]:
-    """The scheduler kept for ``args``' signature and its compiled program (compiled here
-    under both schedulers the first time)."""
+    """The scheduler kept for ``args``' signature and its compiled program (both compiled
+    and measured here the first time)."""
     key = self._signature(args)
     if key not in self._programs:
-      compiled = {s: j.lower(*args).compile() for s, j in self._jits.items()}
-      best = min(compiled, key=lambda s: compiled[s].memory_analysis().temp_size_in_bytes)
+      lowered = {s: j.lower(*args) for s, j in self._jits.items()}
+      with concurrent.futures.ThreadPoolExecutor(len(lowered)) as pool:  # XLA frees the GIL
+        compiled = dict(zip(lowered, pool.map(lambda l: l.compile(), lowered.values())))
+      names = list(compiled)
+      best = min(names, key=lambda s: self._measure(s, compiled[s]))
+      if jax.process_count() > 1:  # one program everywhere
+        best = names[int(multihost_utils.broadcast_one_to_all(np.int32(names.index(best))))]
       self._programs[key] = best, compiled[best]
       self.chosen = best
     return self._programs[key]
+
+  def _cache_size(self) -> int:
+    """How many input signatures are compiled (as ``jax.jit``'s)."""
+    return len(self._programs)
 
   def lower(self, *args):
     """The kept scheduler's ``jax.stages.Lowered`` for ``args`` (as ``jax.jit(...).lower``;
@@ -298,8 +305,8 @@ class SmallerProgram:
 
 
 def compiler_options(scheduler: str, platform: str) -> dict[str, str] | None:
-  """The per-program XLA options for a ``train.xla_scheduler`` on a device ``platform``
-  (``'auto'``: resolve it first, :func:`scheduler_for`).
+  """The per-program XLA options for a ``train.xla_scheduler`` of ``'default'`` or
+  ``'memory'`` on a device ``platform`` (``'auto'`` is :class:`SmallerProgram`'s).
 
   ``'memory'`` compiles with XLA:CPU's memory-minimising scheduler instead of its default.
   It changes the order of the ops, not the ops: the update is the same. Other platforms
@@ -307,10 +314,21 @@ def compiler_options(scheduler: str, platform: str) -> dict[str, str] | None:
   """
   if scheduler not in _CPU_SCHEDULER_TYPES:
     raise ValueError(f'unknown train.xla_scheduler {scheduler!r} here; choose one of '
-                     f'{", ".join(_CPU_SCHEDULER_TYPES)} (resolve auto with scheduler_for).')
+                     f'{", ".join(_CPU_SCHEDULER_TYPES)} (auto: SmallerProgram).')
   if _CPU_SCHEDULER_TYPES[scheduler] is None or platform != 'cpu':
     return None
   return {'xla_cpu_scheduler_type': _CPU_SCHEDULER_TYPES[scheduler]}
+
+
+def scheduled_jit(fn, scheduler: str, platform: str, **jit_kwargs):
+  """``jax.jit(fn, **jit_kwargs)`` under a ``train.xla_scheduler``: a :class:`SmallerProgram`
+  for ``'auto'`` on CPU, else the named scheduler's program (``'auto'`` elsewhere: the
+  platform's own)."""
+  if scheduler == 'auto':
+    if platform == 'cpu':
+      return SmallerProgram(fn, platform, **jit_kwargs)
+    scheduler = 'default'
+  return jax.jit(fn, compiler_options=compiler_options(scheduler, platform), **jit_kwargs)
 
 
 def make_steps(cfg: StepConfig, mesh, state: TrainState):
@@ -321,26 +339,18 @@ def make_steps(cfg: StepConfig, mesh, state: TrainState):
   backprop's temporaries at once, which makes a local run's peak memory exceed a bp run's (a
   ResNet-56 ssa run under the local signal: 1.18× bp's peak RSS with one program, 1.12× split,
   0.86× with no angle step; the rest is bp's own working set; ``docs/benchmarks.md``).
-  The train step compiles with ``train.xla_scheduler``'s scheduler; under ``'auto'`` on CPU it
-  compiles with both and keeps the program with fewer temporary bytes (:class:`SmallerProgram`).
-  The angle step's two updates, which run once every ``train.angle_every`` steps, resolve
-  ``'auto'`` by rule (:func:`scheduler_for`): backprop's reference update takes the memory
-  scheduler even in a local-signal run.
+  The train step and the angle step's two updates compile under ``train.xla_scheduler``
+  (:func:`scheduled_jit`; ``'auto'`` on CPU: both schedulers, the smaller program).
   """
   repl = NamedSharding(mesh, P())
   state_sharding = jax.tree.map(lambda _: repl, state)
   platform = mesh.devices.flat[0].platform
-  step = functools.partial(train_step, cfg=cfg)
-  if cfg.xla_scheduler == 'auto' and platform == 'cpu':
-    train = SmallerProgram(step, platform, donate_argnums=0,
-                           out_shardings=(state_sharding, repl))
-  else:
-    train = jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, repl),
-                    compiler_options=compiler_options(scheduler_for(cfg), platform))
+  train = scheduled_jit(functools.partial(train_step, cfg=cfg), cfg.xla_scheduler, platform,
+                        donate_argnums=0, out_shardings=(state_sharding, repl))
   evaluate = jax.jit(eval_step, out_shardings=repl)
   method_updates, bp_updates = (
-      jax.jit(lambda state, batch, c=c: compute_updates(c, state, batch)[0], out_shardings=repl,
-              compiler_options=compiler_options(scheduler_for(c), platform))
+      scheduled_jit(lambda state, batch, c=c: compute_updates(c, state, batch)[0],
+                    cfg.xla_scheduler, platform, out_shardings=repl)
       for c in (cfg, backprop_reference(cfg)))
   between = jax.jit(dfa.update_angles, out_shardings=repl)
 

@@ -160,42 +160,41 @@ def test_the_memory_scheduler_gives_the_same_update_in_less_temporary_memory(met
 
 
 def test_auto_scheduler_keeps_the_smaller_program_per_input_signature():
-  """SmallerProgram compiles once per signature (a new batch size compiles again) and its
-  choice is the program with fewer temporary bytes, whichever the rule would have said."""
+  """SmallerProgram compiles once per signature (a new batch size compiles again), keeps the
+  program its measure rates lower, whichever scheduler that is, and donates like jax.jit."""
   calls = []
 
-  def f(x, w):
-    calls.append(x.shape)  # traced once per lowering
-    h = jnp.tanh(x @ w)
-    return (h @ w.T).sum() + jnp.cumsum(h, axis=0).sum()
-  prog = steps_lib.SmallerProgram(f, 'cpu')
+  def make_f():  # a new function each time: jax shares traces between jits of one function
+    def f(x, w):
+      calls.append(x.shape)  # traced once per signature
+      h = jnp.tanh(x @ w)
+      return (h @ w.T).sum() + jnp.cumsum(h, axis=0).sum(), x * 2
+    return f
+  f = make_f()
   w = jnp.ones((16, 16))
-  x8, x4 = jnp.ones((8, 16)), jnp.ones((4, 16))
-  assert prog.chosen is None
-  np.testing.assert_allclose(prog(x8, w), f(x8, w), rtol=1e-6)
-  traced = len(calls)
-  prog(x8, w)
-  assert len(calls) == traced  # the kept program: no new trace, no new compile
+  x4 = jnp.ones((4, 16))
+  want = f(jnp.ones((8, 16)), w)
+  for preferred in ('default', 'memory'):
+    prog = steps_lib.SmallerProgram(make_f(), 'cpu', donate_argnums=0,
+                                    measure=lambda s, c, p=preferred: 0 if s == p else 1)
+    assert prog.chosen is None
+    x = jnp.ones((8, 16))
+    jax.tree.map(np.testing.assert_allclose, prog(x, w), want)
+    assert prog.chosen == preferred and x.is_deleted()  # the donated input is consumed
+    traced = len(calls)
+    prog(jnp.ones((8, 16)), w)
+    assert len(calls) == traced and prog._cache_size() == 1  # the kept program, no new trace
+    prog(jnp.ones((4, 16)), w)
+    assert len(calls) > traced and prog._cache_size() == 2
+  # by default the measure is XLA's temporary bytes
+  prog = steps_lib.SmallerProgram(f, 'cpu')
   prog(x4, w)
-  assert len(calls) > traced and len(prog._programs) == 2
-  temps = {s: jax.jit(f, compiler_options=steps_lib.compiler_options(s, 'cpu'))
-           .lower(x4, w).compile().memory_analysis().temp_size_in_bytes
-           for s in ('default', 'memory')}
+  temps = {s: steps_lib.temp_bytes(jax.jit(f, compiler_options=steps_lib.compiler_options(
+      s, 'cpu')).lower(x4, w).compile()) for s in ('default', 'memory')}
   assert prog.chosen == min(temps, key=temps.get)
-  assert prog.lower(x4, w).compile().memory_analysis().temp_size_in_bytes == min(temps.values())
-
-
-def test_auto_scheduler_keeps_the_default_one_only_for_a_local_rule_under_the_local_signal():
-  auto = functools.partial(steps_lib.StepConfig, xla_scheduler='auto')
-  assert steps_lib.scheduler_for(auto('ssa', signal='local')) == 'default'
-  assert steps_lib.scheduler_for(auto('dfa', signal='local')) == 'default'
-  assert steps_lib.scheduler_for(auto('ssa', signal='mixed')) == 'memory'
-  assert steps_lib.scheduler_for(auto('ssa')) == 'memory'  # global signal
-  assert steps_lib.scheduler_for(auto('bp', signal='local')) == 'memory'
-  assert steps_lib.scheduler_for(auto('ssa', signal='local', bp_blocks=('conv1',))) == 'memory'
-  reference = steps_lib.backprop_reference(auto('ssa', signal='local'))
-  assert steps_lib.scheduler_for(reference) == 'memory'
-  assert steps_lib.scheduler_for(auto('ssa', signal='local', xla_scheduler='memory')) == 'memory'
+  assert steps_lib.temp_bytes(prog.lower(x4, w).compile()) == min(temps.values())
+  assert not isinstance(steps_lib.scheduled_jit(f, 'auto', 'gpu'), steps_lib.SmallerProgram)
+  assert isinstance(steps_lib.scheduled_jit(f, 'auto', 'cpu'), steps_lib.SmallerProgram)
 
 
 def test_an_unknown_xla_scheduler_is_a_config_error():
@@ -203,8 +202,8 @@ def test_an_unknown_xla_scheduler_is_a_config_error():
     build.setup(tiny_config(train__xla_scheduler='fast'))
   assert steps_lib.compiler_options('memory', 'gpu') is None  # XLA:CPU's option only
   assert steps_lib.compiler_options('default', 'cpu') is None
-  with pytest.raises(ValueError, match='scheduler_for'):
-    steps_lib.compiler_options('auto', 'cpu')  # resolved per step first
+  with pytest.raises(ValueError, match='SmallerProgram'):
+    steps_lib.compiler_options('auto', 'cpu')  # auto measures (scheduled_jit)
 
 
 def _read_steps(workdir):
