@@ -87,9 +87,9 @@ def variant(summary: dict) -> str:
 
 
 def file_stem(summary: dict) -> str:
-  """The exported summary's file name (no extension): model, variant label and seed."""
+  """The exported summary's file name (no extension): model, variant label and seed, in ASCII."""
   return (f"{summary['model']}_{summary['variant']}_seed{summary['seed']}"
-          .replace(' + ', ' ').replace(',', '').replace(' ', '_')
+          .replace(' + ', ' ').replace(',', '').replace('≤ ', 'max').replace(' ', '_')
           .replace('−', 'no-').replace('(', '').replace(')', ''))
 
 
