@@ -87,10 +87,12 @@ def variant(summary: dict) -> str:
 
 
 def file_stem(summary: dict) -> str:
-  """The exported summary's file name (no extension): model, variant label and seed, in ASCII."""
+  """The exported summary's file name (no extension): model, variant label and seed, in ASCII
+  without glob characters (a module pattern's ``*`` reads ``all``)."""
   return (f"{summary['model']}_{summary['variant']}_seed{summary['seed']}"
           .replace(' + ', ' ').replace(',', '').replace('≤ ', 'max').replace(' ', '_')
-          .replace('−', 'no-').replace('(', '').replace(')', ''))
+          .replace('−', 'no-').replace('(', '').replace(')', '')
+          .replace('*', 'all').replace('?', 'any').replace('[', '').replace(']', ''))
 
 
 def export_run(run_dir: str, out_dir: str) -> str:

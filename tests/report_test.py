@@ -90,6 +90,9 @@ def test_variant_labels():
   assert report.file_stem({'model': 'small_conv', 'seed': 1, 'variant': report.variant(s)}) == (
       'small_conv_ssa_local_error_readout_max2048_sim_learned_readout_modules_conv1+conv2_'
       'conv3+fc1+head_seed1')  # ASCII file names
+  s['config']['dfa'].update(modules='conv1+stage1_*,stage2_*')
+  assert report.file_stem({'model': 'resnet20', 'seed': 0, 'variant': report.variant(s)}).endswith(
+      'modules_conv1+stage1_all_stage2_all_seed0')  # no glob characters
   s['config']['dfa'].update(learn_feedback='none', modules='', readout_dim=512)
   s['config']['model'].update(kwargs={'norm': 'batch'}, act='leaky_relu')
   assert report.variant(s) == 'ssa + local error + sim (BN, leaky_relu)'
