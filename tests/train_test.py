@@ -29,9 +29,8 @@ def tiny_config(method='ssa', **overrides):
   c.opt.warmup_steps = 0
   c.train.update(epochs=2, batch_size=32, log_every=2, angle_every=3, progress_bar=False,
                  num_devices=1)
-  # one compile per program: 'auto' compiles two (steps.SmallerProgram, ~2.5 s more per tiny
-  # run); the scheduler tests below and the default-config runs (main, notebooks, distributed,
-  # README) keep 'auto'
+  # one compile per program: 'auto' compiles two (steps.SmallerProgram); the scheduler tests
+  # below and the default-config runs (main, notebooks, distributed, README) keep 'auto'
   c.train.xla_scheduler = 'default'
   for k, v in overrides.items():
     section, field = k.split('__')
