@@ -125,6 +125,12 @@ def load_results(folder: str) -> list[dict]:
   return out
 
 
+def md_cell(text: str) -> str:
+  """``text`` as a markdown table cell: a module pattern's ``*`` is no emphasis, ``|`` no
+  column break."""
+  return text.replace('\\', '\\\\').replace('*', r'\*').replace('|', r'\|')
+
+
 def table(results: list[dict]) -> str:
   """Markdown: one row per variant, mean ± std (sample std) of the final test accuracy."""
   groups = collections.defaultdict(list)
@@ -140,7 +146,7 @@ def table(results: list[dict]) -> str:
     lrs = sorted({s['config']['opt']['lr'] for s in g})
     sizes = sorted({s['trainable_params'] for s in g})  # reduced runs may end at other sizes
     size = f'{sizes[0]:,}' + (f'–{sizes[-1]:,}' if len(sizes) > 1 else '')
-    rows.append(f'| {v} | {len(accs)} | {accs.mean():.2f}{std} | {size} | '
+    rows.append(f'| {md_cell(v)} | {len(accs)} | {accs.mean():.2f}{std} | {size} | '
                 f'{", ".join(f"{lr:g}" for lr in lrs)} | {g[0]["epochs"]:g} | '
                 f'{np.mean([s["wall_time_s"] for s in g]):.0f} |')
   machines = sorted({s['machine'] for s in results})

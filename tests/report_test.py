@@ -93,6 +93,10 @@ def test_variant_labels():
   s['config']['dfa'].update(modules='conv1+stage1_*,stage2_*')
   assert report.file_stem({'model': 'resnet20', 'seed': 0, 'variant': report.variant(s)}).endswith(
       'modules_conv1+stage1_all_stage2_all_seed0')  # no glob characters
+  row = {'variant': report.variant(s), 'final_test_accuracy': 50.0, 'trainable_params': 10,
+         'epochs': 1, 'wall_time_s': 1.0, 'machine': 'm', 'config': s['config']}
+  line = report.table([row]).splitlines()[2]  # the pattern's * is no markdown emphasis
+  assert r'(modules conv1+stage1_\*, stage2_\*) | 1 | 50.00 |' in line, line
   s['config']['dfa'].update(learn_feedback='none', modules='', readout_dim=512)
   s['config']['model'].update(kwargs={'norm': 'batch'}, act='leaky_relu')
   assert report.variant(s) == 'ssa + local error + sim (BN, leaky_relu)'
