@@ -4,9 +4,10 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=4').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# One persistent compilation cache per test session, shared with the subprocesses the tests
-# start: most tests compile the same tiny train step, and a cache hit skips XLA's compile
-# (4x faster for a second identical tiny run). A fresh folder each session, removed at exit.
+# One persistent compilation cache per test session, shared with pytest-xdist's workers and the
+# subprocesses the tests start: most tests compile the same tiny train step, and a cache hit
+# skips XLA's compile (4x faster for a second identical tiny run). A fresh folder each session,
+# removed at exit.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   import atexit
   import shutil
