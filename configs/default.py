@@ -58,6 +58,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   f.readout_temperature = 0.5
   f.sim_weight = 0.0         # β of the similarity-matching term (Nøkland & Eidnes: 0.99)
   f.learn_feedback = 'none'  # none | local (readouts learn their CE: "pred") | global (DKP)
+  f.recon_weight = 0.0       # λ of InfoPro's reconstruction term (a learned decoder per conv readout)
+  f.recon_size = 0           # side of the image the decoders reconstruct (0: the input's)
   f.bp_blocks = ()           # diagnosis: these blocks (top-level param names) learn by backprop
   f.modules = ''             # 'conv1+conv2,conv3+fc1+head': backprop within each, a cut between
                              # (names may be fnmatch patterns: 'conv1+stage1_*,stage2_*,...')

@@ -62,6 +62,8 @@ def variant(summary: dict) -> str:
     label += ' (channel-broadcast feedback)'  # configs/cifar10.py delivers full feature maps
   if d.get('sim_weight') and label.split()[0] in ('dfa', 'ssa'):
     label += ' + sim'
+  if d.get('recon_weight') and label.split()[0] in ('dfa', 'ssa'):
+    label += f' + reconstruction {d["recon_weight"]:g}'
   learn = d.get('learn_feedback', 'none') if label.split()[0] in ('dfa', 'ssa') else 'none'
   if learn != 'none':
     label += ' + learned readout' if learn == 'local' else ' + DKP feedback'

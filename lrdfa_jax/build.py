@@ -102,9 +102,19 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if layers_ and (method not in LOCAL_METHODS or d.get('signal', 'global') == 'global'):
     raise ConfigError('dfa.readout_layers adds layers to the local readout: it needs a local '
                       "method (dfa, ssa) with dfa.signal='local' or 'mixed'.")
+  recon = d.get('recon_weight', 0.0)
+  if recon < 0 or d.get('recon_size', 0) < 0:
+    raise ConfigError('dfa.recon_weight and dfa.recon_size must be >= 0.')
+  if recon and (method not in LOCAL_METHODS or learn != 'local'):
+    raise ConfigError("dfa.recon_weight trains a decoder beside each learned local readout: it "
+                      "needs a local method (dfa, ssa) with dfa.learn_feedback='local'.")
   if d.get('readout_temperature', 0.5) <= 0:
     raise ConfigError('dfa.readout_temperature must be positive (LLS uses 0.5).')
-  dataset_info(config)  # data.name, data.image_size
+  side = dataset_info(config)['image_shape'][0]  # checks data.name, data.image_size
+  size = d.get('recon_size', 0)
+  if recon and size and side % size:
+    raise ConfigError(f'dfa.recon_size={size} does not divide the {side}-pixel input: '
+                      f'give a divisor of {side} (0: the input itself).')
 
 
 def dataset_info(config) -> dict[str, Any]:
@@ -214,9 +224,11 @@ def build_feedback(config, key, params, tap_shapes, num_classes) -> fb.Feedback:
   if d.get('signal', 'global') != 'global':  # the fixed local readouts are the feedback
     hidden = {n: (d.readout_layers, s.shape[-1]) for n, s in tap_shapes.items()
               if d.get('readout_layers', 0) and len(s.shape) == 4}
+    decoders = {n: s.shape[-1] for n, s in tap_shapes.items()
+                if d.get('recon_weight', 0.0) and len(s.shape) == 4}
     return signals.init_readout(key, signals.readout_widths(tap_shapes, d.readout_dim),
                                 num_classes, basis=d.readout_basis, ranks=ranks,
-                                scale=d.feedback_scale, hidden=hidden)
+                                scale=d.feedback_scale, hidden=hidden, decoders=decoders)
   return fb.init_feedback(key, dfa.tap_widths(tap_shapes, d.delivery), num_classes, kind=kind,
                           ranks=ranks, scale=d.feedback_scale)
 

@@ -62,7 +62,8 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
                 tap_order: Sequence[str] = (), signal: str = 'global', signal_mix: float = 0.5,
                 readout_norm: bool = True, readout_temperature: float = 0.5,
                 sim_weight: float = 0.0,
-                learn_feedback: str = 'none') -> tuple[Any, dict[str, Any]]:
+                learn_feedback: str = 'none', recon_weight: float = 0.0, recon_size: int = 0,
+                images: Array | None = None) -> tuple[Any, dict[str, Any]]:
   """The DFA/SSA update: a pytree shaped like ``params`` to feed ``tx.update``.
 
   Args:
@@ -91,6 +92,11 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
       Kolen-Pollack, Webster et al. 2020: ``∇F_i = ψ(h_i)ᵀ e / B``, ``ψ`` the transpose of the
       signal's delivery; global signal). Its gradient is ``aux['feedback_grads']``, shaped
       like ``feedback``, in the factors ``P``, ``σ``, ``Q`` (chain rule through ``P diag(σ) Qᵀ``).
+    recon_weight, recon_size, images: InfoPro's reconstruction term on the readouts that
+      carry a decoder (:func:`lrdfa_jax.signals.reconstruction_loss` of the input ``images``
+      pooled to ``recon_size``, 0: their own side): such a tap's cotangent gains
+      ``recon_weight · ∂L_rec/∂h`` (after the sim blend), and under ``learn_feedback='local'``
+      the decoder learns ``recon_weight · L_rec``.
 
   Returns:
     ``(updates, aux)``; ``aux`` holds ``loss`` (CE), ``logits``, ``extra``, ``align_loss``,
@@ -107,6 +113,8 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
                      f'got {signal!r}.')
   if align not in ALIGNMENTS:
     raise ValueError(f'align must be one of {ALIGNMENTS}, got {align!r}.')
+  if recon_weight and images is None:
+    raise ValueError('recon_weight needs the input images (images=...).')
   (logits, taps), vjp_fn, extra = jax.vjp(forward, params, has_aux=True)
   missing = set(feedback.names) - set(taps)
   if missing:
@@ -132,6 +140,9 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
     if sim_weight:
       sim = jax.grad(sig.similarity_loss)(h, labels_B, logits.shape[-1])
       cot = (1.0 - sim_weight) * cot + sim_weight * sim
+    if recon_weight and signal != 'global' and sig.has_decoder(feedback.block(name)):
+      rec = jax.grad(sig.reconstruction_loss)(h, feedback.block(name), images, recon_size)
+      cot = cot + recon_weight * rec
     if align == 'output' and align_weight:
       a, da = jax.value_and_grad(losses.alignment_output)(h, cot * batch)
       cot = cot + align_weight * da
@@ -150,16 +161,19 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
   if learn_feedback != 'none':
     aux['feedback_grads'] = feedback_grads(
         feedback, {n: jax.lax.stop_gradient(h) for n, h in taps.items()}, labels_B, err_BxC,
-        learn_feedback, norm=readout_norm, temperature=readout_temperature)
+        learn_feedback, norm=readout_norm, temperature=readout_temperature,
+        recon_weight=recon_weight, recon_size=recon_size, images=images)
   return updates, aux
 
 
 def feedback_grads(feedback: fb.Feedback, taps: Mapping[str, Array], labels_B: Array,
                    err_BxC: Array, rule: str, *, norm: bool = True,
-                   temperature: float = 0.5) -> fb.Feedback:
+                   temperature: float = 0.5, recon_weight: float = 0.0, recon_size: int = 0,
+                   images: Array | None = None) -> fb.Feedback:
   """The gradient of learned feedback, shaped like ``feedback`` (see :func:`local_grads`).
 
-  ``'local'``: of ``Σ_i CE(φ(h_i) F_i / T, y)``, each readout its own block's CE.
+  ``'local'``: of ``Σ_i CE(φ(h_i) F_i / T, y)``, each readout its own block's CE, plus
+  ``recon_weight · L_rec`` for a readout with a decoder.
   ``'global'`` (DKP): of ``Σ_i ⟨ψ(h_i) F_i, e⟩ / B`` with ``e`` held fixed, i.e.
   ``∇F_i = ψ(h_i)ᵀ e / B``, where ``ψ`` is the transpose of :func:`expand_signal` (a
   sum over positions for channel broadcast, a flatten for full maps).
@@ -173,6 +187,8 @@ def feedback_grads(feedback: fb.Feedback, taps: Mapping[str, Array], labels_B: A
       h, block = taps[name], f.block(name)
       if rule == 'local':
         total = total + sig.local_loss(h, block, labels_B, norm=norm, temperature=temperature)
+        if recon_weight and sig.has_decoder(block):
+          total = total + recon_weight * sig.reconstruction_loss(h, block, images, recon_size)
       else:
         _, transpose = jax.vjp(lambda g: expand_signal(g, h.shape, name),
                                jnp.zeros((batch, sig.block_width(block)), h.dtype))

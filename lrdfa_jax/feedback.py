@@ -88,7 +88,7 @@ def init_feedback(key: Array, widths: Mapping[str, int], num_classes: int, *,
 
 def from_blocks(blocks: Mapping[str, Mapping[str, Array]]) -> Feedback:
   """Stacks per-block arrays (``{'f'}`` dense, or ``{'p', 'sigma', 'q'}``, with a local
-  readout's hidden layers ``w0, b0, ...``) by shape."""
+  readout's hidden layers ``w0, b0, ...`` and decoder ``rw0, rb0, rw1, rb1``) by shape."""
   groups: dict[str, dict[str, list[Array]]] = {}
   index = []
   for name in sorted(blocks):
@@ -100,6 +100,8 @@ def from_blocks(blocks: Mapping[str, Mapping[str, Array]]) -> Feedback:
     hidden = [a for a in arrays if a.startswith('w')]  # a readout's hidden layers (signals)
     if hidden:
       gkey += f'_h{len(hidden)}x{arrays["w0"].shape[0]}'
+    if 'rw0' in arrays:  # a readout's reconstruction decoder (signals.init_decoder)
+      gkey += f'_rec{arrays["rw0"].shape[2]}'
     group = groups.setdefault(gkey, {a: [] for a in arrays})
     index.append((name, gkey, len(group[next(iter(arrays))])))
     for a, x in arrays.items():

@@ -16,6 +16,13 @@ et al.; Mostafa et al. 2018), so the forward readout and the feedback pathway ar
 matrix and the same pull-back. The similarity-matching term of Nøkland & Eidnes 2019 (``sim``,
 no parameters) can be added to any of them: ``(1 − β) ∂L_signal/∂h + β ∂L_sim/∂h``.
 
+InfoPro's reconstruction term (Wang et al. 2021, "Revisiting locally supervised learning"):
+a conv block's readout may carry a learned decoder ``D`` (:func:`init_decoder`: the tap resized
+bilinearly to ``s × s``, a 3×3 ReLU conv to 12 channels, a 3×3 conv to the image's channels),
+and the block's cotangent gains ``λ ∂L_rec/∂h`` with ``L_rec = mean (D(h) − x_s)²``, ``x_s``
+the (normalised) input image average-pooled to ``s × s`` (:func:`reconstruction_loss`). It
+keeps a greedy block from discarding what its local loss does not need.
+
 Every function here is pure and acts on one tap; :func:`lrdfa_jax.dfa.local_grads` calls them.
 """
 from __future__ import annotations
@@ -140,6 +147,52 @@ def readout_cotangent(h: Array, block: Mapping[str, Array], labels_B: Array,
   return cot, ce
 
 
+DECODER_CHANNELS = 12  # InfoPro's decoder width on CIFAR
+
+
+def init_decoder(key: Array, channels: int, out_channels: int = 3,
+                 hidden: int = DECODER_CHANNELS) -> dict[str, Array]:
+  """A reconstruction decoder's params ``rw0 [3, 3, c, hidden]``, ``rb0``, ``rw1 [3, 3, hidden,
+  out]``, ``rb1`` (He-normal for the ReLU layer, LeCun-normal for the linear one, zero biases)."""
+  k0, k1 = jax.random.split(key)
+  return {'rw0': jax.random.normal(k0, (3, 3, channels, hidden)) * jnp.sqrt(2.0 / (9 * channels)),
+          'rb0': jnp.zeros((hidden,), jnp.float32),
+          'rw1': jax.random.normal(k1, (3, 3, hidden, out_channels)) * jnp.sqrt(1.0 / (9 * hidden)),
+          'rb1': jnp.zeros((out_channels,), jnp.float32)}
+
+
+def has_decoder(block: Mapping[str, Array]) -> bool:
+  return 'rw0' in block
+
+
+def _conv3x3(x: Array, w: Array, b: Array) -> Array:
+  return jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + b
+
+
+def decode(h: Array, block: Mapping[str, Array], size: int) -> Array:
+  """The decoder's image ``[B, size, size, out]`` from a conv tap ``h [B, H, W, c]``."""
+  x = jax.image.resize(h, (h.shape[0], size, size, h.shape[-1]), 'bilinear')
+  x = jax.nn.relu(_conv3x3(x, block['rw0'], block['rb0']))
+  return _conv3x3(x, block['rw1'], block['rb1'])
+
+
+def pooled_image(images: Array, size: int) -> Array:
+  """``images [B, H, W, C]`` average-pooled to ``size × size`` (``size`` divides H and W)."""
+  b, hh, ww, c = images.shape
+  if hh % size or ww % size:
+    raise ValueError(f'a reconstruction of side {size} does not divide the {hh}×{ww} input.')
+  return images.reshape(b, size, hh // size, size, ww // size, c).mean((2, 4))
+
+
+def reconstruction_loss(h: Array, block: Mapping[str, Array], images: Array,
+                        size: int = 0) -> Array:
+  """``mean (D(h) − x_s)²`` over the batch, positions and channels (``size`` 0: the input's
+  own side)."""
+  size = size or images.shape[1]
+  return jnp.mean((decode(h, block, size) - pooled_image(images, size)) ** 2)
+
+
 def similarity_matrix(x: Array, eps: float = 1e-8) -> Array:
   """Batch cosine-similarity ``[B, B]`` of rows centred by their own mean, clipped to [−1, 1].
 
@@ -169,8 +222,8 @@ def sinusoidal_basis(width: int, num_classes: int) -> Array:
 
 def init_readout(key: Array, widths: Mapping[str, int], num_classes: int, *,
                  basis: str = 'sinusoidal', ranks: Mapping[str, int] | int | None = None,
-                 scale: float = 1.0, hidden: Mapping[str, tuple[int, int]] | None = None
-                 ) -> fb.Feedback:
+                 scale: float = 1.0, hidden: Mapping[str, tuple[int, int]] | None = None,
+                 decoders: Mapping[str, int] | None = None) -> fb.Feedback:
   """Fixed factored readouts ``F_i = P_i diag(σ_i) Q_iᵀ`` (``d_i × C``), one per block.
 
   ``basis='sinusoidal'``: the truncated SVD of LLS's basis (rank ``k``, exact at ``k = C``);
@@ -179,6 +232,8 @@ def init_readout(key: Array, widths: Mapping[str, int], num_classes: int, *,
   ``ranks`` as in :func:`lrdfa_jax.feedback.init_feedback`. ``hidden`` maps a conv block to
   ``(layers, channels)``: that many 1×1 ReLU layers ``W_l [c, c]`` (He-normal, ``b_l = 0``)
   between the pool and ``F`` (:func:`features`); the width ``d_i`` is unchanged.
+  ``decoders`` maps a conv block to its channels: a reconstruction decoder
+  (:func:`init_decoder`) joins its readout.
   """
   if basis not in BASES:
     raise ValueError(f'readout basis must be one of {BASES}, got {basis!r}.')
@@ -203,4 +258,7 @@ def init_readout(key: Array, widths: Mapping[str, int], num_classes: int, *,
     for i, k_layer in enumerate(keys):
       blocks[name][f'w{i}'] = jax.random.normal(k_layer, (c, c)) * jnp.sqrt(2.0 / c)
       blocks[name][f'b{i}'] = jnp.zeros((c,), jnp.float32)
+  for name, c in sorted((decoders or {}).items()):
+    blocks[name].update(init_decoder(jax.random.fold_in(key, zlib.crc32(b'rec' + name.encode())),
+                                     c))
   return fb.from_blocks(blocks)

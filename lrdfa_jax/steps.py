@@ -56,6 +56,8 @@ class StepConfig:
   readout_temperature: float = 0.5
   sim_weight: float = 0.0
   learn_feedback: str = 'none'     # none | local (learned readouts) | global (DKP)
+  recon_weight: float = 0.0        # InfoPro's reconstruction term on the readouts' decoders
+  recon_size: int = 0              # side of the reconstructed image (0: the input's)
   bp_blocks: tuple[str, ...] = ()  # blocks whose update is the backprop gradient (diagnosis)
   modules: tuple[tuple[str, ...], ...] = ()  # runs of blocks trained by backprop within (DGL)
   xla_scheduler: str = 'auto'      # auto | default | memory (XLA:CPU's; :func:`scheduled_jit`)
@@ -72,6 +74,8 @@ class StepConfig:
                readout_norm=bool(d.get('readout_norm', True)),
                readout_temperature=float(d.get('readout_temperature', 0.5)),
                sim_weight=float(d.get('sim_weight', 0.0)),
+               recon_weight=float(d.get('recon_weight', 0.0)),
+               recon_size=int(d.get('recon_size', 0)),
                learn_feedback=(d.get('learn_feedback', 'none') if d.method in LOCAL_METHODS
                                else 'none'),
                bp_blocks=(tuple(d.get('bp_blocks', ())) if d.method in LOCAL_METHODS else ()),
@@ -160,7 +164,9 @@ def compute_updates(cfg: StepConfig, state: TrainState, batch: dict[str, Any]):
                                  signal_mix=cfg.signal_mix, readout_norm=cfg.readout_norm,
                                  readout_temperature=cfg.readout_temperature,
                                  sim_weight=cfg.sim_weight,
-                                 learn_feedback=cfg.learn_feedback)
+                                 learn_feedback=cfg.learn_feedback,
+                                 recon_weight=cfg.recon_weight, recon_size=cfg.recon_size,
+                                 images=batch['image'])
     if cfg.bp_blocks:
       bp, _ = dfa.bp_grads(functools.partial(forward, local=False), state.params,
                            batch['label'])

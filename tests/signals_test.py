@@ -245,3 +245,68 @@ def test_hidden_readout_layers_stack_by_width_and_need_conv_taps():
     signals.init_readout(jax.random.key(0), {'a': 10}, C, hidden={'a': (1, 4)})
   with pytest.raises(ValueError, match='conv taps only'):
     signals.features(jnp.ones((B, 12)), 12, hidden=((jnp.eye(12), jnp.zeros(12)),))
+
+
+def _hand_conv3x3(x, w, b):
+  """'SAME' 3×3 convolution written out: zero padding, then the sum over the 9 offsets."""
+  hh, ww = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  out = sum(jnp.einsum('bhwc,cd->bhwd', xp[:, i:i + hh, j:j + ww], w[i, j])
+            for i in range(3) for j in range(3))
+  return out + b
+
+
+def test_reconstruction_term_equals_hand_written_decoder():
+  """InfoPro's term: at the tap's own side the resize is the identity, so the decoder is two
+  hand-written 3×3 convs (ReLU between) against the image average-pooled to that side; the
+  tap's cotangent gains λ ∂L_rec/∂h and the decoder learns λ L_rec beside the readout's CE."""
+  k = jax.random.split(jax.random.key(5), 5)
+  h = jax.random.normal(k[0], (B, 4, 4, 3))
+  images = jax.random.normal(k[1], (B, 8, 8, 3))
+  y = jax.random.randint(k[2], (B,), 0, C)
+  ro = signals.init_readout(k[3], {'a': 12}, C, decoders={'a': 3})
+  block = ro.block('a')
+  assert block['rw0'].shape == (3, 3, 3, signals.DECODER_CHANNELS)
+  assert block['rw1'].shape == (3, 3, signals.DECODER_CHANNELS, 3)
+  block = {**block, 'rb0': block['rb0'] + 0.05, 'rb1': block['rb1'] - 0.1}
+  hidden = jax.nn.relu(_hand_conv3x3(h, block['rw0'], block['rb0']))
+  np.testing.assert_allclose(signals.decode(h, block, 4),
+                             _hand_conv3x3(hidden, block['rw1'], block['rb1']), rtol=1e-4,
+                             atol=1e-5)
+
+  def hand_rec(t, blk=block):
+    img = images.reshape(B, 4, 2, 4, 2, 3).mean((2, 4))
+    out = _hand_conv3x3(jax.nn.relu(_hand_conv3x3(t, blk['rw0'], blk['rb0'])), blk['rw1'],
+                        blk['rb1'])
+    return jnp.mean((out - img) ** 2)
+
+  np.testing.assert_allclose(signals.reconstruction_loss(h, block, images, 4), hand_rec(h),
+                             rtol=1e-5)
+  assert signals.reconstruction_loss(h, block, images, 8).shape == ()  # upsampled 4 → 8
+  with pytest.raises(ValueError, match='does not divide'):
+    signals.pooled_image(images, 3)
+  # local_grads: the one-tap model h = x·W; with λ the update gains Wᵀ-pulled λ ∂L_rec/∂h
+  w = jax.random.normal(k[4], (3, 3))
+  x = jax.random.normal(k[0], (B, 4, 4, 3))
+  fed = fb.from_blocks({'a': block})
+
+  def forward(p):
+    t = x @ p['w']
+    return (t.mean((1, 2)), {'a': t}), None
+  lam = 0.7
+  got, aux = dfa.local_grads(forward, {'w': w}, fed, y, signal='local', recon_weight=lam,
+                             recon_size=4, images=images, learn_feedback='local')
+  plain, _ = dfa.local_grads(forward, {'w': w}, fed, y, signal='local')
+  h0 = x @ w
+  cot = lam * jax.grad(hand_rec)(h0)
+  np.testing.assert_allclose(got['w'] - plain['w'],
+                             jnp.einsum('bhwc,bhwd->cd', x, cot), rtol=1e-4, atol=1e-6)
+  # the decoder's gradient is λ ∂L_rec; the readout's factors keep their CE gradient
+  g = aux['feedback_grads'].block('a')
+  want = jax.grad(lambda blk: hand_rec(h0, blk))(block)
+  for key in ('rw0', 'rb0', 'rw1', 'rb1'):
+    np.testing.assert_allclose(g[key], lam * want[key], rtol=1e-4, atol=1e-6)
+  want_ce = jax.grad(lambda blk: signals.local_loss(h0, blk, y))(block)
+  np.testing.assert_allclose(g['p'], want_ce['p'], rtol=1e-4, atol=1e-7)
+  with pytest.raises(ValueError, match='needs the input images'):
+    dfa.local_grads(forward, {'w': w}, fed, y, signal='local', recon_weight=lam)
