@@ -100,7 +100,8 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
 
   Returns:
     ``(updates, aux)``; ``aux`` holds ``loss`` (CE), ``logits``, ``extra``, ``align_loss``,
-    ``local_loss`` (mean over blocks of the readouts' CE; 0 under the global signal) and
+    ``local_loss`` (mean over blocks of the readouts' CE; 0 under the global signal),
+    ``recon_loss`` (mean over the decoders of ``L_rec``; 0 without them) and
     ``feedback_grads`` (None unless ``learn_feedback``).
   """
   if signal not in sig.SIGNALS:
@@ -124,7 +125,7 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
   err_BxC = losses.output_error(logits, labels_B)
   signals = fb.project(feedback, err_BxC) if signal == 'global' else {}
   align_loss = jnp.zeros(())
-  local_losses = []
+  local_losses, recon_losses = [], []
   cotangents = {}
   for name, h in taps.items():
     if name not in feedback.names:
@@ -141,8 +142,10 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
       sim = jax.grad(sig.similarity_loss)(h, labels_B, logits.shape[-1])
       cot = (1.0 - sim_weight) * cot + sim_weight * sim
     if recon_weight and signal != 'global' and sig.has_decoder(feedback.block(name)):
-      rec = jax.grad(sig.reconstruction_loss)(h, feedback.block(name), images, recon_size)
-      cot = cot + recon_weight * rec
+      rec, drec = jax.value_and_grad(sig.reconstruction_loss)(h, feedback.block(name), images,
+                                                              recon_size)
+      recon_losses.append(rec)
+      cot = cot + recon_weight * drec
     if align == 'output' and align_weight:
       a, da = jax.value_and_grad(losses.alignment_output)(h, cot * batch)
       cot = cot + align_weight * da
@@ -157,6 +160,7 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
   aux = {'loss': losses.cross_entropy(logits, labels_B), 'logits': logits, 'extra': extra,
          'align_loss': align_loss,
          'local_loss': sum(local_losses) / len(local_losses) if local_losses else jnp.zeros(()),
+         'recon_loss': sum(recon_losses) / len(recon_losses) if recon_losses else jnp.zeros(()),
          'feedback_grads': None}
   if learn_feedback != 'none':
     aux['feedback_grads'] = feedback_grads(
@@ -209,7 +213,7 @@ def bp_grads(forward: Forward, params: Any, labels_B: Array) -> tuple[Any, dict[
 
   (loss, (logits, extra)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return grads, {'loss': loss, 'logits': logits, 'extra': extra, 'align_loss': jnp.zeros(()),
-                 'local_loss': jnp.zeros(())}
+                 'local_loss': jnp.zeros(()), 'recon_loss': jnp.zeros(())}
 
 
 def update_angles(a: Any, b: Any, eps: float = 1e-12) -> dict[str, Array]:

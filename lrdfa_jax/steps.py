@@ -194,6 +194,7 @@ def train_step(state: TrainState, batch: dict[str, Any], cfg: StepConfig):
       'update_norm': optax.global_norm(grads),
       'align_loss': aux['align_loss'],
       'local_loss': aux['local_loss'],
+      'recon_loss': aux['recon_loss'],
   }
   return new_state, metrics
 

@@ -301,6 +301,7 @@ def test_reconstruction_term_equals_hand_written_decoder():
   cot = lam * jax.grad(hand_rec)(h0)
   np.testing.assert_allclose(got['w'] - plain['w'],
                              jnp.einsum('bhwc,bhwd->cd', x, cot), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(aux['recon_loss'], hand_rec(h0), rtol=1e-5)  # logged as a metric
   # the decoder's gradient is λ ∂L_rec; the readout's factors keep their CE gradient
   g = aux['feedback_grads'].block('a')
   want = jax.grad(lambda blk: hand_rec(h0, blk))(block)
