@@ -35,9 +35,9 @@ def variant(summary: dict) -> str:
   """A short label: the method plus what differs from its defaults (for the ablation).
 
   Only the dfa fields are read (method, align, orth_weight, delivery, signal, readout_dim,
-  readout_layers, sim_weight, learn_feedback and its feedback_lr, bp_blocks, modules); runs that
-  differ in model or training settings share a label, so keep such runs in separate result
-  folders.
+  readout_layers, sim_weight, recon_weight and recon_size, learn_feedback and its feedback_lr,
+  bp_blocks, modules); runs that differ in model or training settings share a label, so keep
+  such runs in separate result folders.
   Channel-broadcast feedback is marked because configs/cifar10.py delivers full maps. For
   the factored methods the rank is marked when it is not the default 1/4, with the rank
   reduction schedule (``rank.*``) and the Hoyer weight when they are on.
@@ -64,6 +64,8 @@ def variant(summary: dict) -> str:
     label += ' + sim'
   if d.get('recon_weight') and label.split()[0] in ('dfa', 'ssa'):
     label += f' + reconstruction {d["recon_weight"]:g}'
+    if d.get('recon_size'):
+      label += f' (to {d["recon_size"]}×{d["recon_size"]})'
   learn = d.get('learn_feedback', 'none') if label.split()[0] in ('dfa', 'ssa') else 'none'
   if learn != 'none':
     label += ' + learned readout' if learn == 'local' else ' + DKP feedback'

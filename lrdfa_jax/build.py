@@ -106,12 +106,16 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if recon < 0 or d.get('recon_size', 0) < 0:
     raise ConfigError('dfa.recon_weight and dfa.recon_size must be >= 0.')
   if recon and (method not in LOCAL_METHODS or learn != 'local'):
-    raise ConfigError("dfa.recon_weight trains a decoder beside each learned local readout: it "
-                      "needs a local method (dfa, ssa) with dfa.learn_feedback='local'.")
+    raise ConfigError(f"dfa.recon_weight={recon:g} trains a decoder beside each learned local "
+                      "readout: it needs a local method (dfa, ssa) with "
+                      "dfa.learn_feedback='local'.")
   if d.get('readout_temperature', 0.5) <= 0:
     raise ConfigError('dfa.readout_temperature must be positive (LLS uses 0.5).')
-  side = dataset_info(config)['image_shape'][0]  # checks data.name, data.image_size
+  side, width = dataset_info(config)['image_shape'][:2]  # checks data.name, data.image_size
   size = d.get('recon_size', 0)
+  if recon and side != width:
+    raise ConfigError(f'dfa.recon_weight reconstructs square images; this input is '
+                      f'{side}×{width}.')
   if recon and size and side % size:
     raise ConfigError(f'dfa.recon_size={size} does not divide the {side}-pixel input: '
                       f'give a divisor of {side} (0: the input itself).')
@@ -226,6 +230,9 @@ def build_feedback(config, key, params, tap_shapes, num_classes) -> fb.Feedback:
               if d.get('readout_layers', 0) and len(s.shape) == 4}
     decoders = {n: s.shape[-1] for n, s in tap_shapes.items()
                 if d.get('recon_weight', 0.0) and len(s.shape) == 4}
+    if d.get('recon_weight', 0.0) and not decoders:
+      raise ConfigError(f'dfa.recon_weight={d.recon_weight:g} decodes conv blocks with a local '
+                        f'readout; {config.model.name} has none here: leave it 0.')
     return signals.init_readout(key, signals.readout_widths(tap_shapes, d.readout_dim),
                                 num_classes, basis=d.readout_basis, ranks=ranks,
                                 scale=d.feedback_scale, hidden=hidden, decoders=decoders)

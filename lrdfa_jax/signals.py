@@ -21,7 +21,9 @@ a conv block's readout may carry a learned decoder ``D`` (:func:`init_decoder`: 
 bilinearly to ``s × s``, a 3×3 ReLU conv to 12 channels, a 3×3 conv to the image's channels),
 and the block's cotangent gains ``λ ∂L_rec/∂h`` with ``L_rec = mean (D(h) − x_s)²``, ``x_s``
 the (normalised) input image average-pooled to ``s × s`` (:func:`reconstruction_loss`). It
-keeps a greedy block from discarding what its local loss does not need.
+asks a greedy block to keep what its local loss does not need. Unlike InfoPro's CIFAR decoder:
+no BatchNorm, MSE on the normalised image (theirs: BCE on [0, 1]), ``jax.image.resize``'s
+half-pixel bilinear (theirs: ``align_corners=True``), and any side ``s`` (theirs: the input's).
 
 Every function here is pure and acts on one tap; :func:`lrdfa_jax.dfa.local_grads` calls them.
 """

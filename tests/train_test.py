@@ -499,7 +499,8 @@ def test_subspace_alignment_blocks_follow_the_delivery(tmp_path, caplog):
 
 @pytest.mark.parametrize('learn,signal,layers,recon', [('global', 'global', 0, 0.0),
                                                        ('local', 'local', 0, 0.0),
-                                                       ('local', 'local', 2, 1.0)])
+                                                       ('local', 'local', 2, 0.0),
+                                                       ('local', 'local', 0, 1.0)])
 def test_learned_feedback_trains_and_resumes_bit_identically(tmp_path, learn, signal, layers,
                                                              recon):
   kw = dict(dfa__learn_feedback=learn, dfa__signal=signal, dfa__readout_dim=32,
@@ -522,7 +523,7 @@ def test_learned_feedback_trains_and_resumes_bit_identically(tmp_path, learn, si
       blk = sa.feedback.block(name)
       assert blk[f'w{layers - 1}'].shape == (c, c) and f'w{layers}' not in blk
     assert 'w0' not in sa.feedback.block('fc1')
-  if recon:  # and InfoPro's decoder beside each conv readout (learned, checked above); fc1 none
+  if recon:  # InfoPro's decoder beside each conv readout (learned, checked above); fc1 none
     for name, c in (('conv1', 4), ('conv2', 8), ('conv3', 8)):
       assert sa.feedback.block(name)['rw0'].shape[2] == c
     assert 'rw0' not in sa.feedback.block('fc1')
@@ -537,11 +538,19 @@ def test_learned_feedback_needs_its_signal():
     train.train_and_evaluate(tiny_config(dfa__readout_layers=1))
   with pytest.raises(train.ConfigError, match='readout_layers=-1'):
     train.train_and_evaluate(tiny_config(dfa__signal='local', dfa__readout_layers=-1))
-  with pytest.raises(train.ConfigError, match="recon_weight trains a decoder.*learn_feedback='local'"):
+  with pytest.raises(train.ConfigError, match="recon_weight=1 trains a decoder.*learn_feedback='local'"):
     train.train_and_evaluate(tiny_config(dfa__signal='local', dfa__recon_weight=1.0))
+  recon = dict(dfa__signal='local', dfa__learn_feedback='local', dfa__recon_weight=1.0)
   with pytest.raises(train.ConfigError, match='recon_size=3 does not divide the 8-pixel input'):
-    train.train_and_evaluate(tiny_config(dfa__signal='local', dfa__learn_feedback='local',
-                                         dfa__recon_weight=1.0, dfa__recon_size=3))
+    train.train_and_evaluate(tiny_config(dfa__recon_size=3, **recon))
+  wide = tiny_config(**recon)
+  wide.data.synthetic.image_shape = (8, 6, 3)
+  with pytest.raises(train.ConfigError, match='square images; this input is 8×6'):
+    train.train_and_evaluate(wide)
+  mlp = tiny_config(model__name='mlp', **recon)
+  mlp.model.kwargs = {'features': (16,)}
+  with pytest.raises(train.ConfigError, match='decodes conv blocks.*mlp has none here'):
+    train.train_and_evaluate(mlp)
 
 
 def test_rank_reduction_during_training_resumes_bit_identically(tmp_path):
