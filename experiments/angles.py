@@ -85,8 +85,8 @@ def markdown(rows, corr, tail, command) -> str:
             '|---|---|---|---|---|' + '---|' * len(names)]
   for r in sorted(rows, key=lambda r: (-r['accuracy'], r['variant'])):
     cells = [f'{r["angles"][n]:.0f}' if n in r['angles'] else '–' for n in names]
-    lines.append(f'| {report.md_cell(r["variant"])} | {r["lr"]:g} | {r["seed"]} | {r["epochs"]:.0f} | '
-                 f'{r["accuracy"]:.2f} | ' + ' | '.join(cells) + ' |')
+    lines.append(f'| {report.md_cell(r["variant"])} | {r["lr"]:g} | {r["seed"]} | '
+                 f'{r["epochs"]:.0f} | {r["accuracy"]:.2f} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
 

@@ -141,7 +141,7 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
     if sim_weight:
       sim = jax.grad(sig.similarity_loss)(h, labels_B, logits.shape[-1])
       cot = (1.0 - sim_weight) * cot + sim_weight * sim
-    if recon_weight and signal != 'global' and sig.has_decoder(feedback.block(name)):
+    if recon_weight and sig.has_decoder(feedback.block(name)):  # local readouts only
       rec, drec = jax.value_and_grad(sig.reconstruction_loss)(h, feedback.block(name), images,
                                                               recon_size)
       recon_losses.append(rec)

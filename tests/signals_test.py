@@ -282,7 +282,11 @@ def test_reconstruction_term_equals_hand_written_decoder():
 
   np.testing.assert_allclose(signals.reconstruction_loss(h, block, images, 4), hand_rec(h),
                              rtol=1e-5)
-  assert signals.reconstruction_loss(h, block, images, 8).shape == ()  # upsampled 4 → 8
+  up = jax.image.resize(h, (B, 8, 8, 3), 'bilinear')  # upsampled 4 → 8, then the same convs
+  np.testing.assert_allclose(
+      signals.reconstruction_loss(h, block, images, 8),
+      jnp.mean((_hand_conv3x3(jax.nn.relu(_hand_conv3x3(up, block['rw0'], block['rb0'])),
+                              block['rw1'], block['rb1']) - images) ** 2), rtol=1e-5)
   with pytest.raises(ValueError, match='does not divide'):
     signals.pooled_image(images, 3)
   # local_grads: the one-tap model h = x·W; with λ the update gains Wᵀ-pulled λ ∂L_rec/∂h
