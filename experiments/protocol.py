@@ -14,7 +14,9 @@ feedback instead of configs/cifar10.py's full feature maps. All share configs/ci
 rate, which is each variant's choice in ``--tuning`` (experiments.tune, held-out slice; the
 ablations use their base variant's) or the config's when it has none (printed). A finished
 run is reused only if its config matches (else a clear error). Then every run is
-exported to ``--results`` and the table and plots are rebuilt there (experiments.report).
+exported to ``--results`` and the table and plots are rebuilt there (experiments.report). A
+run that diverges is left out of the results; the others still run, and the command then exits
+non-zero naming it.
 """
 from __future__ import annotations
 
@@ -24,8 +26,7 @@ from absl import app, flags
 
 from experiments import report
 from experiments.variants import (DATASETS, MODELS, VARIANTS, applies, check_variants,
-                                 chosen_lr, config_for, finished_summary, tuned_model)
-from lrdfa_jax import train
+                                 chosen_lr, config_for, run_or_diverge, tuned_model)
 
 _RUNDIR = flags.DEFINE_string('rundir', 'runs/protocol', 'Where the runs live.')
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'],
@@ -50,6 +51,7 @@ def main(argv):
     check_variants(_ONLY.value or (), _MODEL.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
+  diverged = []  # the others still run and are reported
   for variant, (_, all_seeds) in VARIANTS.items():
     if _ONLY.value and variant not in _ONLY.value or not applies(variant, _MODEL.value):
       continue
@@ -60,17 +62,20 @@ def main(argv):
         print(f'{variant}: no held-out choice in {_TUNING.value}; the config\'s lr {c.opt.lr:g}')
       c.opt.lr = tuned or c.opt.lr
       workdir = os.path.join(_RUNDIR.value, f'{variant}_lr{c.opt.lr:g}_seed{seed}')
-      if finished_summary(workdir, c) is None:
-        s = train.train_and_evaluate(c, workdir)
-        print(f'{variant} seed {seed}: {s["final_test_accuracy"]:.2f}% '
-              f'in {s["wall_time_s"]:.0f} s')
+      s = run_or_diverge(workdir, c)
+      if s is None:
+        diverged.append(f'{variant} seed {seed}')
+        continue
+      print(f'{variant} seed {seed}: {s["final_test_accuracy"]:.2f}% in {s["wall_time_s"]:.0f} s')
       report.export_run(workdir, results_dir)
   results = report.load_results(results_dir) if os.path.isdir(results_dir) else []
   if results:
     with open(os.path.join(results_dir, 'report.md'), 'w') as f:
       f.write(report.table(results))
     report.plot(results, results_dir)
+  if diverged:
+    raise SystemExit(f'error: diverged (kept out of {results_dir}): {", ".join(diverged)}.')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  report.run_cli(main)

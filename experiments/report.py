@@ -15,6 +15,7 @@ import collections
 import glob
 import json
 import os
+import sys
 
 import numpy as np
 from absl import app, flags
@@ -223,6 +224,18 @@ def plot(results: list[dict], folder: str) -> list[str]:
   return paths
 
 
+def run_cli(main) -> None:
+  """``app.run(main)`` for the experiments' commands, with bad input (``app.UsageError``) as one
+  line ``error: ...`` on stderr and exit status 2, not absl's page of usage text."""
+  def guarded(argv):
+    try:
+      return main(argv)
+    except app.UsageError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+  app.run(guarded)
+
+
 def main(argv):
   del argv
   if _RUNS.value:
@@ -245,4 +258,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  run_cli(main)

@@ -11,7 +11,9 @@ split), ``--epochs`` epochs and seed 0. The score is the final accuracy on the h
 the test set is evaluated too (it is in every run's summary) but never used for a choice.
 Every variant gets the same grid and epochs, so the same budget. Results merge into ``--out``
 (JSON), which records every run and the best learning rate per (variant, tag);
-experiments.protocol reads the choice from there.
+experiments.protocol reads the choice from there. A rate that diverges is recorded as
+``diverged`` (never chosen) and the grid goes on; a config the library refuses stops it with one
+line.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import os
 
 from absl import app, flags
 
-from experiments.variants import DATASETS, MODELS, check_variants, config_for, finished_summary
-from lrdfa_jax import train
+from experiments import report
+from experiments.variants import DATASETS, MODELS, check_variants, config_for, run_or_diverge
 
 _RUNDIR = flags.DEFINE_string('rundir', 'runs/tune', 'Where the runs live.')
 _VARIANTS = flags.DEFINE_list('variants', ['bp', 'svd_bp', 'dfa', 'ssa'],
@@ -56,10 +58,18 @@ def run_name(variant: str, lr: float, tag: str) -> str:
   return f'{variant}{"_" + tag if tag else ""}_lr{lr:g}'
 
 
+# a run that diverged: recorded, never chosen
+DIVERGED = {'diverged': True, 'validation_accuracy': None, 'test_accuracy': None,
+            'wall_time_s': None}
+
+
 def best(runs: list[dict]) -> dict[str, dict]:
-  """(variant, tag) -> the run with the highest final validation accuracy."""
+  """(variant, tag) -> the run with the highest final validation accuracy (diverged runs
+  are never chosen)."""
   out: dict[str, dict] = {}
   for r in runs:
+    if r.get('diverged'):
+      continue
     key = r['variant'] + (f'/{r["tag"]}' if r['tag'] else '')
     if key not in out or r['validation_accuracy'] > out[key]['validation_accuracy']:
       out[key] = r
@@ -75,9 +85,10 @@ def markdown(doc: dict) -> str:
            '| variant | probe | lr | held-out acc % | test acc % | wall s |',
            '|---|---|---|---|---|---|']
   for r in sorted(doc['runs'], key=lambda r: (r['variant'], r['tag'], r['lr'])):
-    lines.append(f'| {r["variant"]} | {r["tag"] or "–"} | {r["lr"]:g} | '
-                 f'{r["validation_accuracy"]:.2f} | {r["test_accuracy"]:.2f} | '
-                 f'{r["wall_time_s"]:.0f} |')
+    scores = ('diverged | – | –' if r.get('diverged') else
+              f'{r["validation_accuracy"]:.2f} | {r["test_accuracy"]:.2f} | '
+              f'{r["wall_time_s"]:.0f}')
+    lines.append(f'| {r["variant"]} | {r["tag"] or "–"} | {r["lr"]:g} | {scores} |')
   lines += ['', '| variant/probe | chosen lr | held-out acc % |', '|---|---|---|']
   lines += [f'| {k} | {v["lr"]:g} | {v["validation_accuracy"]:.2f} |'
             for k, v in doc['best'].items()]
@@ -121,17 +132,19 @@ def main(argv):
         c[section][field] = value
       name = run_name(variant, lr, _TAG.value)
       workdir = os.path.join(_RUNDIR.value, name)
-      s = finished_summary(workdir, c) or train.train_and_evaluate(c, workdir)
-      print(f'{name}: held-out {s["final_validation_accuracy"]:.2f}%')
+      s = run_or_diverge(workdir, c)
+      if s is not None:
+        print(f'{name}: held-out {s["final_validation_accuracy"]:.2f}%')
       if os.path.exists(_OUT.value):  # merge with runs other invocations wrote meanwhile
         with open(_OUT.value) as f:
           doc['runs'] = json.load(f)['runs']
       runs = doc['runs']
       runs = [r for r in runs if r['name'] != name] + [{
           'name': name, 'variant': variant, 'tag': _TAG.value, 'lr': lr, 'set': overrides,
-          'validation_accuracy': s['final_validation_accuracy'],
-          'test_accuracy': s['final_test_accuracy'], 'wall_time_s': s['wall_time_s'],
-          'machine': s['machine']}]
+          **(DIVERGED if s is None else {
+              'validation_accuracy': s['final_validation_accuracy'],
+              'test_accuracy': s['final_test_accuracy'], 'wall_time_s': s['wall_time_s'],
+              'machine': s['machine']})}]
       doc['runs'] = runs
       doc['best'] = best(runs)
       os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
@@ -142,4 +155,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  report.run_cli(main)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 
+from absl import app
+
 from configs import cifar10, zoo
-from lrdfa_jax.train import MONITORING, config_changes
+from lrdfa_jax import train
 
 # variant name -> (config overrides, all seeds?)
 VARIANTS = {
@@ -102,8 +104,10 @@ VARIANTS['ssa_local_pred_bp_all_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
 # block-wise backprop (DGL, Belilovsky et al. 2020; the diagnosis found conv3's local rule the
 # costliest): the blocks of a module backprop into each other and learn from the module's last
 # readout (or the output loss), a cut between modules. K = 3: conv3 joins the classifier;
-# K = 2: two modules of about equal depth
-MODULES = {'k3': 'conv3+fc1+head', 'k2': 'conv1+conv2,conv3+fc1+head'}
+# K = 2: two modules of about equal depth; K = 2 cut after conv1: only the first (and largest-map)
+# block learns from a readout, the other four backprop into each other from the output loss
+MODULES = {'k3': 'conv3+fc1+head', 'k2': 'conv1+conv2,conv3+fc1+head',
+           'k2_conv1': 'conv2+conv3+fc1+head'}
 for _k, _m in MODULES.items():
   VARIANTS[f'ssa_local_pred_{_k}_bn'] = ({**VARIANTS['ssa_local_pred_bn'][0],
                                          'dfa.modules': _m}, False)
@@ -222,7 +226,7 @@ def config_differences(have: dict, want: dict) -> list[str]:
   or on other devices counts as another run; only what is logged or saved may differ.
   """
   return [f'{k}: {o!r} there, {n!r} now'
-          for k, o, n in config_changes(have, want, ignore=MONITORING)]
+          for k, o, n in train.config_changes(have, want, ignore=train.MONITORING)]
 
 
 def finished_summary(workdir: str, config) -> dict | None:
@@ -241,3 +245,20 @@ def finished_summary(workdir: str, config) -> dict | None:
     raise ValueError(f'{workdir} holds a finished run made with another config '
                      f'({"; ".join(diffs)}). Move it away or pass another --rundir.')
   return summary
+
+
+def run_or_diverge(workdir: str, config) -> dict | None:
+  """The summary of the run in ``workdir`` (reused if finished, else trained or resumed).
+
+  A run that diverges gives None, with one line saying so, so that a grid or a protocol goes on
+  to its next run. Bad input (a config the library refuses, missing data, a finished run made
+  with another config) stops the command with one line (``app.UsageError``), not a traceback.
+  """
+  name = os.path.basename(os.path.normpath(workdir))
+  try:
+    return finished_summary(workdir, config) or train.train_and_evaluate(config, workdir)
+  except train.DivergenceError as e:
+    print(f'{name}: diverged: {e}')
+    return None
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(f'{name}: {e}') from None
