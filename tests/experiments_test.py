@@ -40,8 +40,8 @@ def test_run_or_diverge_reports_divergence_and_reuses_finished_runs(tmp_path, mo
   def diverge(config, workdir):  # train_test.py checks when train_and_evaluate raises this
     raise train.DivergenceError('training diverged at step 3: loss nan (not finite).')
   monkeypatch.setattr(train, 'train_and_evaluate', diverge)
-  assert variants.run_or_diverge(str(tmp_path / 'ssa_lr1e+06'), c) is None
-  assert capsys.readouterr().out == ('ssa_lr1e+06: diverged: training diverged at step 3: '
+  assert variants.run_or_diverge(str(tmp_path / 'ssa_lr0.01'), c) is None
+  assert capsys.readouterr().out == ('ssa_lr0.01: diverged: training diverged at step 3: '
                                      'loss nan (not finite).\n')
   c.opt.lr = 1e-3  # a finished run (its summary, as train_and_evaluate writes it) is reused
   ok = tmp_path / 'ssa_lr0.001'
