@@ -355,39 +355,54 @@ class Setup:
   notice: str = ''                 # a sentence on the factored blocks it skips, if any
 
 
+def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
+             rank_overrides: str = '') -> tuple[dict[str, Any], Any]:
+  """Every check of :func:`setup` that needs no initialised state: the config's fields, and
+  the layer and block names it gives against the model's (from the params' shapes, so it
+  takes no init). Returns ``(dataset_info, model)``; raises :class:`ConfigError`."""
+  check_config(config, num_devices)
+  info = dataset_info(config)
+  model = build_model(config, info['num_classes'], rank_overrides)
+  if config.dfa.get('modules', ''):
+    check_modules(config, tap_order(model, info['image_shape']))
+  d = config.dfa
+  blocks = tuple(d.get('bp_blocks', ()))
+  if d.method not in FACTORED_METHODS and not blocks:
+    return info, model
+  x = jax.ShapeDtypeStruct((1, *info['image_shape']), jnp.float32)
+  params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)['params']
+  if d.method in FACTORED_METHODS:
+    unmatched = models.unmatched_overrides(params, parse_overrides(config.model.overrides))
+    if unmatched:
+      raise ConfigError(f'model.overrides {unmatched} match no layer of {config.model.name}; '
+                        f'its layers are {list(models.layer_paths(params))}.')
+  if blocks:
+    if d.method not in LOCAL_METHODS:
+      raise ConfigError(f'dfa.bp_blocks trains some blocks of a local method by backprop; '
+                        f'{d.method} is not local ({", ".join(LOCAL_METHODS)}). Leave it ().')
+    unknown = [b for b in blocks if not any(in_blocks(k, (b,)) for k in params)]
+    if unknown:
+      raise ConfigError(f'dfa.bp_blocks {unknown} name no block of {config.model.name}; its '
+                        f'top-level params are {list(params)}.')
+  return info, model
+
+
 def setup(config: ml_collections.ConfigDict, *, steps_per_epoch: int = 1, num_devices: int = 1,
           rank_overrides: str = '') -> Setup:
-  """Validates ``config`` and builds its run; loads no data and writes nothing.
+  """Validates ``config`` (:func:`validate`) and builds its run; loads no data and writes
+  nothing.
 
   ``steps_per_epoch`` shapes the learning-rate schedule (``train.epochs × steps_per_epoch``
   steps) and the per-epoch decay of learned feedback, not the state's structure: a restore
   can leave it at 1. ``rank_overrides``: the ranks of a run reduced during training
   (:func:`build_model`).
   """
-  check_config(config, num_devices)
-  info = dataset_info(config)
+  info, model = validate(config, num_devices=num_devices, rank_overrides=rank_overrides)
   total_steps = config.train.epochs * steps_per_epoch
-  model = build_model(config, info['num_classes'], rank_overrides)
-  if config.dfa.get('modules', ''):
-    check_modules(config, tap_order(model, info['image_shape']))
   tx, schedule = build_tx(config, total_steps)
   state = create_train_state(config, model, tx, info['image_shape'], info['num_classes'],
                              jax.random.key(config.train.seed), steps_per_epoch)
   d = config.dfa
-  if d.method in FACTORED_METHODS:
-    unmatched = models.unmatched_overrides(state.params, parse_overrides(config.model.overrides))
-    if unmatched:
-      raise ConfigError(f'model.overrides {unmatched} match no layer of {config.model.name}; '
-                        f'its layers are {list(models.layer_paths(state.params))}.')
-  blocks = tuple(d.get('bp_blocks', ()))
-  if blocks:
-    if d.method not in LOCAL_METHODS:
-      raise ConfigError(f'dfa.bp_blocks trains some blocks of a local method by backprop; '
-                        f'{d.method} is not local ({", ".join(LOCAL_METHODS)}). Leave it ().')
-    unknown = [b for b in blocks if not any(in_blocks(k, (b,)) for k in state.params)]
-    if unknown:
-      raise ConfigError(f'dfa.bp_blocks {unknown} name no block of {config.model.name}; its '
-                        f'top-level params are {list(state.params)}.')
   cfg = step_config(config, model, info['image_shape'])
   aligned, notice = None, ''
   if cfg.method in LOCAL_METHODS and cfg.method in FACTORED_METHODS and cfg.align_weight \

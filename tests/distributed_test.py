@@ -24,12 +24,14 @@ def _free_port() -> int:
 
 def _start(workdir: str, stop: int, epochs: int = 2) -> list[subprocess.Popen]:
   port = _free_port()
-  # (no shared compilation cache: two processes writing one cache entry at once can clash)
-  env = {**{k: v for k, v in os.environ.items()
-            if k not in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR')}, 'PYTHONUNBUFFERED': '1'}
+  env = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'PYTHONUNBUFFERED': '1',
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  # one compilation cache per process id, which a resume of the same workdir reuses (one cache
+  # for both processes could clash: two processes writing one entry at once)
   return [subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'distributed_worker.py'),
                             str(pid), str(port), workdir, str(stop), str(epochs)], cwd=ROOT,
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                           env={**env, 'JAX_COMPILATION_CACHE_DIR': f'{workdir}-cache{pid}'},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
           for pid in (0, 1)]
 
 

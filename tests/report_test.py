@@ -172,13 +172,13 @@ def test_protocol_variants_share_one_pipeline():
     protocol.check_variants(['ssa', 'ssa_local_pred_stages'], 'small_conv')
   with pytest.raises(ValueError, match="'ssa_nope' is no variant"):
     protocol.check_variants(['ssa_nope'], 'small_conv')
-  # the variants whose fields name blocks build on every model they apply to
+  # the variants whose fields name blocks pass setup's checks on every model they apply to
   from lrdfa_jax import build
   for name, (fields, _) in protocol.VARIANTS.items():
     if fields.get('dfa.modules') or fields.get('dfa.bp_blocks'):
       for model in ('small_conv', 'resnet20'):
         if protocol.applies(name, model):
-          build.setup(protocol.config_for(name, 0, 1, model=model))
+          build.validate(protocol.config_for(name, 0, 1, model=model))
   assert protocol.config_for('ssa_noalign', 0, 10).dfa.align == 'none'
   assert protocol.config_for('ssa', 0, 10).dfa.delivery == 'full'
   for name in ('ssa_channel', 'dfa_channel', 'ssa_channel_noalign', 'ssa_channel_noorth'):

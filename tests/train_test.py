@@ -683,13 +683,13 @@ def test_module_patterns_expand_over_the_blocks_of_a_resnet():
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
            'label': jnp.asarray([0, 1, 2, 3])}
-  got, _ = steps_lib.compute_updates(run.step_cfg, state, batch)
+  got, _ = jax.jit(functools.partial(steps_lib.compute_updates, run.step_cfg))(state, batch)
 
   def stage2_ce(params):
     (_, taps), _ = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
                                   batch['image'], train=True, mutable=['batch_stats'])
     return signals.local_loss(taps['stage2_block2'], fb.block('stage2_block2'), batch['label'])
-  want = jax.grad(stage2_ce)(state.params)['stage2_block0']
+  want = jax.jit(jax.grad(stage2_ce))(state.params)['stage2_block0']
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
                got['stage2_block0'], want)
   with pytest.raises(train.ConfigError, match="pattern 'stage9_\\*' matches no block"):
@@ -730,3 +730,10 @@ def test_bp_blocks_must_name_blocks_of_a_local_method():
     train.train_and_evaluate(tiny_config(dfa__bp_blocks=('conv9',)))
   with pytest.raises(train.ConfigError, match='svd_bp is not local'):
     train.train_and_evaluate(tiny_config('svd_bp', dfa__bp_blocks=('conv1',)))
+  # build.validate makes the same checks without initialising a state (from param shapes)
+  with pytest.raises(train.ConfigError, match=r"dfa.bp_blocks \['conv9'\] name no block"):
+    build.validate(tiny_config(dfa__bp_blocks=('conv9',)))
+  with pytest.raises(train.ConfigError, match=r"model.overrides \['conv9'\] match no layer"):
+    build.validate(tiny_config(model__overrides='conv9:dense'))
+  info, model = build.validate(tiny_config(dfa__bp_blocks=('conv2',)))
+  assert info['num_classes'] == 4 and type(model).__name__ == 'SmallConv'
