@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import default
@@ -445,3 +446,43 @@ def test_param_counts_command_lists_dense_and_svd_counts():
   assert '| resnet20 | `zoo:resnet20,cifar10` | 32×32, 10 | 269,722 | 77,506 | 0.29 |' in rows[2]
   assert ('| resnet18 | `configs/zoo.py:resnet18,imagenet2012` | 224×224, 1000 | 11,689,512 |'
           in rows[3])
+
+
+def test_remat_blocks_give_the_same_update_for_bp_and_the_local_rule():
+  """model.kwargs.remat rematerialises each residual block: the same params, loss and update
+  (bp through the whole net, ssa's local vjps); a name that is no policy is refused."""
+  kw, size = SHALLOW['resnet20']
+  x = jax.random.normal(jax.random.key(1), (4, size, size, 3))
+  y = jnp.arange(4) % 10
+  out = {}
+  for remat in ('', 'nothing_saveable'):
+    m = models.build_model('resnet20', num_classes=10, rank=0.5, remat=remat, **kw)
+    variables = m.init(jax.random.key(0), x)
+    params, stats = variables['params'], variables['batch_stats']
+    jaxpr = str(jax.make_jaxpr(lambda p: m.apply({'params': p, 'batch_stats': stats}, x))(params))
+    assert ('checkpoint' in jaxpr or 'remat' in jaxpr) == bool(remat)  # the blocks are remat'd
+
+    def forward(p, local):
+      (logits, taps), mutated = m.apply({'params': p, 'batch_stats': stats}, x, train=True,
+                                        local=local, mutable=['batch_stats'])
+      return (logits, taps), mutated['batch_stats']
+    taps = jax.eval_shape(lambda p: forward(p, False)[0][1], params)
+    feedback = fb.init_feedback(jax.random.key(2), dfa.tap_widths(taps, 'channel'), 10,
+                                kind='structured', ranks=4)
+    bp = jax.jit(lambda p: dfa.bp_grads(functools.partial(forward, local=False), p, y))(params)
+    local = jax.jit(lambda p: dfa.local_grads(functools.partial(forward, local=True), p,
+                                              feedback, y, signal='global'))(params)
+    out[remat] = params, bp, local
+  params0, bp0, local0 = out['']
+  for remat in ('nothing_saveable',):
+    params, bp, local = out[remat]
+    assert jax.tree.structure(params) == jax.tree.structure(params0)
+    jax.tree.map(np.testing.assert_array_equal, params, params0)
+    for got, want in ((bp, bp0), (local, local0)):
+      np.testing.assert_allclose(got[1]['loss'], want[1]['loss'], rtol=1e-6)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                   got[0], want[0])
+  assert optax.global_norm(local0[0]) > 0 and optax.global_norm(bp0[0]) > 0
+  m = models.build_model('resnet20', num_classes=10, remat='everything', **kw)
+  with pytest.raises(ValueError, match="remat 'everything' is not a jax.checkpoint_policies"):
+    m.init(jax.random.key(0), x)

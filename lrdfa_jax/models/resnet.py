@@ -110,6 +110,11 @@ class ResNet(nn.Module):
     stem_width: channels of the stem conv.
     shortcut: ``'pad'`` (option A, CIFAR ResNets of He et al.) or ``'conv'`` (option B).
     width: multiplier on every channel count (e.g. 2 for ResNet-32×2; < 1 for tests).
+    remat: ``''`` (off) or the name of a ``jax.checkpoint_policies`` policy
+      (``'nothing_saveable'``, ``'dots_with_no_batch_dims_saveable'``, ...): each residual
+      block is rematerialised (``nn.remat``) under it, so its backward recomputes what the
+      policy does not save. Same params, same update; it trades compute for backprop's memory
+      (it does not lower the local signal's, ``docs/benchmarks.md``).
   """
   stage_sizes: Sequence[int] = (3, 3, 3)
   block: str = 'basic'
@@ -122,9 +127,13 @@ class ResNet(nn.Module):
   conv: ModuleFn = nn.Conv
   dense: ModuleFn = nn.Dense
   act: Callable[[Array], Array] = nn.relu
+  remat: str = ''
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool = False, local: bool | frozenset[str] = False):
+    if self.remat and not callable(getattr(jax.checkpoint_policies, self.remat, None)):
+      raise ValueError(f'remat {self.remat!r} is not a jax.checkpoint_policies policy; use one '
+                       "of them (e.g. 'nothing_saveable') or '' (off).")
     if self.block not in BLOCKS:
       raise ValueError(f'unknown block {self.block!r}; choose one of {sorted(BLOCKS)}.')
     if self.shortcut not in SHORTCUTS:
@@ -143,6 +152,9 @@ class ResNet(nn.Module):
       h = max_pool_3x3_s2(h)
     taps['conv1'] = h
     block_cls = BLOCKS[self.block]
+    if self.remat:  # ``train`` (argument 2, counting self) is a Python bool: static
+      block_cls = nn.remat(block_cls, static_argnums=(2,),
+                           policy=getattr(jax.checkpoint_policies, self.remat))
     for i, (n, c) in enumerate(zip(self.stage_sizes, self.widths), start=1):
       for b in range(n):
         name = f'stage{i}_block{b}'
