@@ -230,8 +230,7 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
 def _replicated(state, mesh):
   """``state`` replicated over ``mesh``. Every process holds the same state (one seed, or one
   checkpoint), so a multi-process run builds each global array from its local copy: a
-  ``device_put`` would check the copies' equality with one collective per leaf (8 s for
-  the tests' tiny net, more for a real one)."""
+  ``device_put`` would check the copies' equality with one collective per leaf."""
   sharding = NamedSharding(mesh, P())
   if jax.process_count() == 1:
     return jax.device_put(state, sharding)

@@ -473,15 +473,13 @@ def test_remat_blocks_give_the_same_update_for_bp_and_the_local_rule():
     local = jax.jit(lambda p: dfa.local_grads(functools.partial(forward, local=True), p,
                                               feedback, y, signal='global'))(params)
     out[remat] = params, bp, local
-  params0, bp0, local0 = out['']
-  for remat in ('nothing_saveable',):
-    params, bp, local = out[remat]
-    assert jax.tree.structure(params) == jax.tree.structure(params0)
-    jax.tree.map(np.testing.assert_array_equal, params, params0)
-    for got, want in ((bp, bp0), (local, local0)):
-      np.testing.assert_allclose(got[1]['loss'], want[1]['loss'], rtol=1e-6)
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                   got[0], want[0])
+  (params0, bp0, local0), (params, bp, local) = out[''], out['nothing_saveable']
+  assert jax.tree.structure(params) == jax.tree.structure(params0)
+  jax.tree.map(np.testing.assert_array_equal, params, params0)
+  for got, want in ((bp, bp0), (local, local0)):
+    np.testing.assert_allclose(got[1]['loss'], want[1]['loss'], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 got[0], want[0])
   assert optax.global_norm(local0[0]) > 0 and optax.global_norm(bp0[0]) > 0
   m = models.build_model('resnet20', num_classes=10, remat='everything', **kw)
   with pytest.raises(ValueError, match="remat 'everything' is not a jax.checkpoint_policies"):
