@@ -37,7 +37,7 @@ def variant(summary: dict) -> str:
 
   Only the dfa fields are read (method, align, orth_weight, delivery, signal, readout_dim,
   readout_layers, sim_weight, recon_weight and recon_size, learn_feedback and its feedback_lr,
-  bp_blocks, modules); runs that differ in model or training settings share a label, so keep
+  bp_blocks, modules, overlap); runs that differ in model or training settings share a label, so keep
   such runs in separate result folders.
   Channel-broadcast feedback is marked because configs/cifar10.py delivers full maps. For
   the factored methods the rank is marked when it is not the default 1/4, with the rank
@@ -76,6 +76,8 @@ def variant(summary: dict) -> str:
     label += f' (backprop on {", ".join(d["bp_blocks"])})'
   if d.get('modules') and label.split()[0] in ('dfa', 'ssa'):
     label += f' (modules {", ".join(m.strip() for m in d["modules"].split(",") if m.strip())})'
+  if d.get('overlap') and label.split()[0] in ('dfa', 'ssa'):
+    label += ' + overlap'
   m = summary['config'].get('model', {})
   if summary['method'] in FACTORED_METHODS:  # the rank: marked when not configs/default.py's 1/4
     reduce = summary['config'].get('rank', {})

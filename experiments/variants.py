@@ -121,10 +121,16 @@ VARIANTS['ssa_local_pred_k2_wide_bn'] = ({**VARIANTS['ssa_local_pred_k2_bn'][0],
 STAGE_MODULES = 'conv1+stage1_*,stage2_*,stage3_*+head'
 VARIANTS['ssa_local_pred_stages'] = ({**VARIANTS['ssa_local_pred'][0],
                                       'dfa.modules': STAGE_MODULES}, False)
+# LoCo's overlap (Xiong et al. 2020, dfa.overlap): the gradient at each cut between modules
+# also trains the last block of the module below (conv2; a stage's last residual block)
+VARIANTS['ssa_local_pred_k2_wide_overlap_bn'] = ({**VARIANTS['ssa_local_pred_k2_wide_bn'][0],
+                                                 'dfa.overlap': True}, False)
+VARIANTS['ssa_local_pred_stages_overlap'] = ({**VARIANTS['ssa_local_pred_stages'][0],
+                                              'dfa.overlap': True}, False)
 # variants whose fields name blocks of some models only -> those models (and the advice for others)
-ONLY_ON = {'ssa_local_pred_stages': (('resnet20', 'resnet32', 'resnet56'),
-                                     "one module per ResNet stage; on small_conv: "
-                                     "'ssa_local_pred_k2_bn'")}
+_STAGES = (('resnet20', 'resnet32', 'resnet56'),
+           "one module per ResNet stage; on small_conv: 'ssa_local_pred_k2_bn'")
+ONLY_ON = {'ssa_local_pred_stages': _STAGES, 'ssa_local_pred_stages_overlap': _STAGES}
 # an ablation's learning rate is its base variant's tuned one
 BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': 'svd_bp',
         'ssa_local_pred_wide_bn': 'ssa_local_pred_bn', 'ssa_local_mlp_bn': 'ssa_local_pred_bn',
@@ -133,6 +139,8 @@ BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': '
         **{f'ssa_local_pred_{k}_bn': 'ssa_local_pred_bn' for k in MODULES},
         'ssa_local_pred_k2_wide_bn': 'ssa_local_pred_k2_bn',
         'ssa_local_pred_stages': 'ssa_local_pred',
+        'ssa_local_pred_k2_wide_overlap_bn': 'ssa_local_pred_k2_bn',
+        'ssa_local_pred_stages_overlap': 'ssa_local_pred_stages',
         'ssa_channel_noalign': 'ssa_channel', 'ssa_channel_noorth': 'ssa_channel',
         **{f'{m}_{v}': m for m in ('ssa', 'svd_bp') for v in ('r8', 'reduce', 'reduce_hoyer', 'reduce_h01')}}
 

@@ -54,6 +54,13 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
                         f'local ({", ".join(LOCAL_METHODS)}). Leave it empty.')
     if config.dfa.get('bp_blocks', ()):
       raise ConfigError('dfa.modules and dfa.bp_blocks do not combine; set one of them.')
+  if config.dfa.get('overlap', False):
+    if method not in LOCAL_METHODS:
+      raise ConfigError(f'dfa.overlap changes where a local method\'s cuts stop the gradient; '
+                        f'{method} is not local ({", ".join(LOCAL_METHODS)}). Set it False.')
+    if config.model.name not in models.OVERLAP_MODELS:
+      raise ConfigError(f'dfa.overlap is built for {", ".join(models.OVERLAP_MODELS)}, not '
+                        f'{config.model.name}; set it False.')
   r = config.get('rank')
   if r is not None and r.epochs:
     if method not in FACTORED_METHODS:

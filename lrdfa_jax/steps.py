@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lrdfa_jax import dfa, feedback as fb
+from lrdfa_jax.models.common import OVERLAP
 
 METHODS = ('bp', 'svd_bp', 'dfa', 'ssa')
 LOCAL_METHODS = ('dfa', 'ssa')
@@ -60,6 +61,7 @@ class StepConfig:
   recon_size: int = 0              # side of the reconstructed image (0: the input's)
   bp_blocks: tuple[str, ...] = ()  # blocks whose update is the backprop gradient (diagnosis)
   modules: tuple[tuple[str, ...], ...] = ()  # runs of blocks trained by backprop within (DGL)
+  overlap: bool = False            # LoCo: a cut's gradient also trains the block below it
   xla_scheduler: str = 'auto'      # auto | default | memory (XLA:CPU's; :func:`scheduled_jit`)
 
   @classmethod
@@ -81,6 +83,7 @@ class StepConfig:
                bp_blocks=(tuple(d.get('bp_blocks', ())) if d.method in LOCAL_METHODS else ()),
                modules=(parse_modules(d.get('modules', ''), tuple(tap_order))
                         if d.method in LOCAL_METHODS else ()),
+               overlap=bool(d.get('overlap', False)) and d.method in LOCAL_METHODS,
                xla_scheduler=(config.get('train') or {}).get('xla_scheduler', 'auto'))
 
 
@@ -144,10 +147,14 @@ def compute_updates(cfg: StepConfig, state: TrainState, batch: dict[str, Any]):
   With ``cfg.modules`` the blocks of a module backprop into each other: only the first one's
   input is cut, and the module learns from its last block's signal (its readout, its
   feedback, or with ``head`` the output loss); the feedback has no entry for the other blocks.
+
+  With ``cfg.overlap`` (LoCo, Xiong et al. 2020) the gradient that reaches a cut block input
+  also trains the block below the cut, and stops at that block's input
+  (:data:`lrdfa_jax.models.common.OVERLAP`).
   """
   local = cfg.method in LOCAL_METHODS
-  if local and cfg.modules:
-    local = joined_blocks(cfg.modules)
+  if local and (cfg.modules or cfg.overlap):
+    local = joined_blocks(cfg.modules) | ({OVERLAP} if cfg.overlap else set())
 
   def forward(params, local=local):
     variables = _variables(state, params)
@@ -216,7 +223,7 @@ def eval_step(state: TrainState, batch: dict[str, Any]) -> dict[str, jax.Array]:
 
 def backprop_reference(cfg: StepConfig) -> StepConfig:
   """The step whose update the angles compare against: ``cfg`` with the true BP gradient."""
-  return dataclasses.replace(cfg, method='bp', bp_blocks=(), modules=())
+  return dataclasses.replace(cfg, method='bp', bp_blocks=(), modules=(), overlap=False)
 
 
 def angle_step(cfg: StepConfig, state: TrainState, batch: dict[str, Any]) -> dict[str, jax.Array]:

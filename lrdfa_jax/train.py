@@ -92,7 +92,8 @@ BACKPROP_IGNORED = ('delivery', 'feedback', 'feedback_rank', 'feedback_scale', '
                     'align_weight', 'signal', 'signal_mix', 'readout_dim', 'readout_basis',
                     'readout_norm', 'readout_layers', 'readout_temperature', 'sim_weight', 'learn_feedback',
                     'recon_weight', 'recon_size',
-                    'feedback_lr', 'feedback_weight_decay', 'feedback_lr_decay', 'modules')
+                    'feedback_lr', 'feedback_weight_decay', 'feedback_lr_decay', 'modules',
+                    'overlap')
 _FREE_FORM = ('model.kwargs',)  # compared whole: a key one side lacks is a difference
 
 

@@ -86,7 +86,9 @@ def test_variant_labels():
                                '(modules conv1+conv2, conv3+fc1+head)')
   assert report.file_stem({'model': 'small_conv', 'seed': 0, 'variant': report.variant(s)}) == \
       'small_conv_ssa_local_error_sim_learned_readout_modules_conv1+conv2_conv3+fc1+head_seed0'
-  s['config']['dfa'].update(recon_weight=0.5)
+  s['config']['dfa'].update(overlap=True)
+  assert report.variant(s).endswith('(modules conv1+conv2, conv3+fc1+head) + overlap')
+  s['config']['dfa'].update(overlap=False, recon_weight=0.5)
   assert report.variant(s).startswith('ssa + local error + sim + reconstruction 0.5 + learned')
   s['config']['dfa'].update(recon_size=16)  # two sizes are two rows and two files
   assert ' + reconstruction 0.5 (to 16×16) + learned' in report.variant(s)

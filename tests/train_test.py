@@ -1,4 +1,5 @@
 """Training system: learning, resume, interruption, sharding, tracing, NaN handling."""
+import dataclasses
 import functools
 import json
 import os
@@ -701,6 +702,93 @@ def test_module_patterns_expand_over_the_blocks_of_a_resnet():
   run = build.setup(m)
   assert run.step_cfg.modules == (('conv1', *(f'block{i}' for i in range(1, 14))),)
   assert run.state.feedback.names == ('block13',)
+
+
+def test_overlap_trains_the_block_below_each_cut_with_the_gradient_there():
+  """dfa.overlap (LoCo) on the BN SmallConv, modules 'conv2+conv3,fc1+head', local signal:
+  the gradient at a cut also trains the block below it and stops at that block's input. So,
+  written out on the uncut forward (where a block's own param gradient holds its input fixed):
+  conv1 takes its readout's CE and conv3's (through conv2's cut); conv3 takes conv3's and the
+  output CE (through fc1's cut); conv2 only conv3's; fc1 and head the output CE. The forward,
+  the taps and the BN statistics are those without overlap (the batch is counted once)."""
+  c = tiny_config('ssa', dfa__signal='local', dfa__align='none', model__act='leaky_relu',
+                  dfa__modules='conv2+conv3,fc1+head', dfa__overlap=True,
+                  model__kwargs=ml_collections.ConfigDict({'widths': (4, 8, 8), 'hidden': 16,
+                                                           'norm': 'batch'}))
+  run = build.setup(c)
+  assert run.step_cfg.overlap
+  state, fb = run.state, run.state.feedback
+  images, labels = data_lib.synthetic(**c.data.synthetic.to_dict())["train"]
+  batch = {'image': jnp.asarray(images[:16], jnp.float32) / 255.0,
+           'label': jnp.asarray(labels[:16])}
+  got, aux = steps_lib.compute_updates(run.step_cfg, state, batch)
+  plain, plain_aux = steps_lib.compute_updates(
+      dataclasses.replace(run.step_cfg, overlap=False), state, batch)
+
+  def forward(params):
+    (logits, taps), _ = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
+                                       batch['image'], train=True, mutable=['batch_stats'])
+    return logits, taps
+
+  def ce(params):
+    z = forward(params)[0]
+    return -jnp.mean(jnp.sum(jax.nn.one_hot(batch['label'], z.shape[-1])
+                             * jax.nn.log_softmax(z), -1))
+
+  def readout_ce(block):
+    return lambda p: signals.local_loss(forward(p)[1][block], fb.block(block), batch['label'])
+  g = {'conv1': jax.grad(readout_ce('conv1'))(state.params),
+       'conv3': jax.grad(readout_ce('conv3'))(state.params), 'ce': jax.grad(ce)(state.params)}
+  losses_of = {'conv1': ('conv1', 'conv3'), 'conv2': ('conv3',), 'conv3': ('conv3', 'ce'),
+               'fc1': ('ce',), 'head': ('ce',)}
+  for name in state.params:
+    block = name.removesuffix('_bn')
+    want = jax.tree.map(lambda *t: sum(t), *(g[k][name] for k in losses_of[block]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 got[name], want)
+  # the overlap is visible (conv1, conv3 changed), the rest is the step without it
+  for name in ('conv1', 'conv3'):
+    assert not np.allclose(got[name]['u'], plain[name]['u'], atol=1e-6), name
+  for name in ('conv2', 'fc1', 'head'):
+    jax.tree.map(np.testing.assert_array_equal, got[name], plain[name])
+  jax.tree.map(np.testing.assert_array_equal, (aux['logits'], aux['extra']),
+               (plain_aux['logits'], plain_aux['extra']))
+
+
+def test_overlap_on_a_resnet_crosses_one_block_at_each_stage_cut():
+  """ResNet-20, one module per stage, overlap: a stage's last block also takes the next
+  stage's loss; the block before it does not."""
+  from configs import zoo
+  c = zoo.get_config('resnet20,cifar10,smoke')
+  c.model.kwargs.width = 0.5
+  c.dfa.update(method='ssa', signal='local', align='none', overlap=True,
+               modules='conv1+stage1_*,stage2_*,stage3_*+head')
+  run = build.setup(c)
+  state, fb = run.state, run.state.feedback
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32),
+           'label': jnp.asarray([0, 1, 2, 3])}
+  got, _ = jax.jit(functools.partial(steps_lib.compute_updates, run.step_cfg))(state, batch)
+
+  def stage_ce(params, block):
+    (_, taps), _ = state.apply_fn({'params': params, 'batch_stats': state.batch_stats},
+                                  batch['image'], train=True, mutable=['batch_stats'])
+    return signals.local_loss(taps[block], fb.block(block), batch['label'])
+  grad = jax.jit(jax.grad(stage_ce), static_argnums=1)
+  s1, s2 = grad(state.params, 'stage1_block2'), grad(state.params, 'stage2_block2')
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
+  jax.tree.map(close, got['stage1_block2'],
+               jax.tree.map(jnp.add, s1['stage1_block2'], s2['stage1_block2']))
+  jax.tree.map(close, got['stage1_block1'], s1['stage1_block1'])
+
+
+@pytest.mark.parametrize('kw, message', [
+    ({'dfa__method': 'svd_bp'}, 'svd_bp is not local'),
+    ({'model__name': 'mlp'}, 'built for small_conv, .* not mlp'),
+])
+def test_overlap_needs_a_local_method_and_a_model_that_recomputes(kw, message):
+  with pytest.raises(train.ConfigError, match=message):
+    build.setup(tiny_config(**{'dfa__overlap': True, **kw}))
 
 
 @pytest.mark.parametrize('modules, kw, message', [

@@ -50,6 +50,8 @@ MODELS = {
     'resnet50': functools.partial(_imagenet_resnet, stage_sizes=(3, 4, 6, 3), block='bottleneck'),
     'mobilenet_v1': MobileNetV1,
 }
+# the models that recompute the block below a cut for ``dfa.overlap`` (common.OVERLAP)
+OVERLAP_MODELS = ('small_conv', 'resnet20', 'resnet32', 'resnet56', 'resnet18', 'resnet50')
 
 
 def _fields(fn) -> Mapping[str, Any]:
@@ -105,7 +107,7 @@ def build_model(name: str, *, num_classes: int, rank: layers.Rank | None = None,
 
 __all__ = [
     'ACTIVATIONS', 'BLOCKS', 'INPUT_LAYERS', 'MLP', 'MODELS', 'MOBILENET_V1_BLOCKS',
-    'OUTPUT_LAYERS',
+    'OUTPUT_LAYERS', 'OVERLAP_MODELS',
     'VGG13_WIDTHS', 'BasicBlock', 'Bottleneck', 'DepthwiseSeparable', 'MobileNetV1', 'ResNet',
     'SmallConv', 'VGG', 'avg_pool_2x2', 'block_input', 'build_model', 'global_avg_pool',
     'input_layer', 'layer_factory', 'layer_paths', 'layer_rank', 'max_pool_2x2',

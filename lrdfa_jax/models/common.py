@@ -69,15 +69,58 @@ def global_avg_pool(x: Array) -> Array:
   return x.mean((1, 2))
 
 
-def block_input(x: Array, local: bool | frozenset[str], name: str = '') -> Array:
+# In a ``local`` frozenset: LoCo's overlap (Xiong et al. 2020) at every cut block input. The
+# cut block reads the block below *recomputed on that block's own cut input*, so the gradient
+# that reaches the cut trains the block below as well and stops at its input (see
+# :func:`block_input`); the forward values are the same, and XLA shares the recomputation.
+OVERLAP = '<overlap>'
+
+
+def is_cut(local: bool | frozenset[str], name: str) -> bool:
+  """Whether block ``name``'s input is cut from the block below (see :func:`block_input`)."""
+  return (name not in local) if isinstance(local, (set, frozenset)) else bool(local)
+
+
+def block_input(x: Array, local: bool | frozenset[str], name: str = '',
+                again: Callable[[], Array] | None = None) -> Array:
   """Block ``name``'s input: cut from the graph under the local update, so nothing crosses blocks.
 
   ``local`` is ``False`` (backprop: nothing cut), ``True`` (every block input cut) or a
   frozenset of block names whose input stays joined to the block below (``dfa.modules``:
-  backprop within a module, a cut between modules); every other block's input is cut.
+  backprop within a module, a cut between modules); every other block's input is cut. If the
+  frozenset holds :data:`OVERLAP` and the model passes ``again`` (the block below applied to
+  its own input under ``stop_gradient``, its BatchNorm statistics left as they are), a cut
+  input is ``again()``: the same value, through which the gradient trains the block below and
+  stops at that block's input.
   """
-  cut = (name not in local) if isinstance(local, (set, frozenset)) else bool(local)
-  return jax.lax.stop_gradient(x) if cut else x
+  if not is_cut(local, name):
+    return x
+  if again is not None and isinstance(local, (set, frozenset)) and OVERLAP in local:
+    return again()
+  return jax.lax.stop_gradient(x)
+
+
+def recompute(block: Callable[..., Any], x: Array, *args: Any) -> Callable[[], Array]:
+  """The ``again`` of :func:`block_input` for a block called ``block(x, *args, update_stats)``:
+  the block on ``stop_gradient(x)`` with ``update_stats=False`` (the forward has updated its
+  BatchNorm statistics already)."""
+  return lambda: block(jax.lax.stop_gradient(x), *args, False)
+
+
+class BatchNorm(nn.BatchNorm):
+  """flax's BatchNorm whose call can leave the running statistics as they are
+  (``update_stats=False``): a block applied twice to one batch (:data:`OVERLAP`) counts it once."""
+
+  @nn.compact
+  def __call__(self, x: Array, use_running_average: bool | None = None, *,
+               mask: Array | None = None, update_stats: bool = True) -> Array:
+    if update_stats or self.is_initializing():
+      return super().__call__(x, use_running_average, mask=mask)
+    kept = {k: self.get_variable('batch_stats', k) for k in ('mean', 'var')}
+    y = super().__call__(x, use_running_average, mask=mask)
+    for k, v in kept.items():
+      self.put_variable('batch_stats', k, v)
+    return y
 
 
 def same_pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -88,7 +131,7 @@ def same_pad(kernel_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 def batch_norm(train: bool, name: str) -> nn.Module:
   """BatchNorm with PyTorch's defaults (momentum 0.1 there, 0.9 here; eps 1e-5)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+  return BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
 def scale_width(c: int, width: float) -> int:

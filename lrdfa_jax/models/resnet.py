@@ -27,14 +27,15 @@ import jax
 import jax.numpy as jnp
 
 from lrdfa_jax.models.common import (ModuleFn, batch_norm, block_input, global_avg_pool,
-                                     max_pool_3x3_s2, same_pad, scale_width, scoped)
+                                     max_pool_3x3_s2, recompute, same_pad, scale_width,
+                                     scoped)
 
 Array = jax.Array
 SHORTCUTS = ('pad', 'conv')
 
 
 def _shortcut(x: Array, features: int, stride: int, kind: str, conv: ModuleFn,
-              train: bool) -> Array:
+              train: bool, update_stats: bool = True) -> Array:
   """Identity, or a projection when the shape changes.
 
   ``'pad'`` (option A of He et al., parameter free): subsample by the stride, zero-pad the
@@ -48,7 +49,7 @@ def _shortcut(x: Array, features: int, stride: int, kind: str, conv: ModuleFn,
                    ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
   y = conv(features, (1, 1), strides=(stride, stride), padding='VALID', use_bias=False,
            name='shortcut')(x)
-  return batch_norm(train, 'shortcut_bn')(y)
+  return batch_norm(train, 'shortcut_bn')(y, update_stats=update_stats)
 
 
 class BasicBlock(nn.Module):
@@ -61,15 +62,16 @@ class BasicBlock(nn.Module):
   expansion = 1
 
   @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
+  def __call__(self, x: Array, train: bool, update_stats: bool = True) -> Array:
     s = self.stride
     y = self.conv(self.features, (3, 3), strides=(s, s), padding=same_pad(3), use_bias=False,
                   name='conv1')(x)
-    y = self.act(batch_norm(train, 'bn1')(y))
+    y = self.act(batch_norm(train, 'bn1')(y, update_stats=update_stats))
     y = self.conv(self.features, (3, 3), strides=(1, 1), padding=same_pad(3), use_bias=False,
                   name='conv2')(y)
-    y = batch_norm(train, 'bn2')(y)
-    return self.act(y + _shortcut(x, self.features, s, self.shortcut, self.conv, train))
+    y = batch_norm(train, 'bn2')(y, update_stats=update_stats)
+    return self.act(y + _shortcut(x, self.features, s, self.shortcut, self.conv, train,
+                                   update_stats))
 
 
 class Bottleneck(nn.Module):
@@ -82,18 +84,18 @@ class Bottleneck(nn.Module):
   expansion = 4
 
   @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
+  def __call__(self, x: Array, train: bool, update_stats: bool = True) -> Array:
     s = self.stride
     out = self.features * self.expansion
     y = self.conv(self.features, (1, 1), strides=(1, 1), padding='VALID', use_bias=False,
                   name='conv1')(x)
-    y = self.act(batch_norm(train, 'bn1')(y))
+    y = self.act(batch_norm(train, 'bn1')(y, update_stats=update_stats))
     y = self.conv(self.features, (3, 3), strides=(s, s), padding=same_pad(3), use_bias=False,
                   name='conv2')(y)
-    y = self.act(batch_norm(train, 'bn2')(y))
+    y = self.act(batch_norm(train, 'bn2')(y, update_stats=update_stats))
     y = self.conv(out, (1, 1), strides=(1, 1), padding='VALID', use_bias=False, name='conv3')(y)
-    y = batch_norm(train, 'bn3')(y)
-    return self.act(y + _shortcut(x, out, s, self.shortcut, self.conv, train))
+    y = batch_norm(train, 'bn3')(y, update_stats=update_stats)
+    return self.act(y + _shortcut(x, out, s, self.shortcut, self.conv, train, update_stats))
 
 
 BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
@@ -146,23 +148,30 @@ class ResNet(nn.Module):
     taps = {}
     k = 3 if self.stem == 'cifar' else 7
     s = 1 if self.stem == 'cifar' else 2
-    h = self.conv(scale_width(self.stem_width, self.width), (k, k), strides=(s, s),
-                  padding=same_pad(k), use_bias=False, name='conv1')(block_input(x, local, 'conv1'))
-    h = self.act(batch_norm(train, 'bn1')(h))
-    if self.stem == 'imagenet':
-      h = max_pool_3x3_s2(h)
-    taps['conv1'] = h
+    stem_conv = self.conv(scale_width(self.stem_width, self.width), (k, k), strides=(s, s),
+                          padding=same_pad(k), use_bias=False, name='conv1')
+    stem_bn = batch_norm(train, 'bn1')
+
+    def stem(z, update_stats=True):
+      z = self.act(stem_bn(stem_conv(z), update_stats=update_stats))
+      return max_pool_3x3_s2(z) if self.stem == 'imagenet' else z
+
+    z = block_input(x, local, 'conv1')
+    h = taps['conv1'] = stem(z)
+    again = recompute(stem, z)  # the block below on its own cut input (``OVERLAP``)
     block_cls = BLOCKS[self.block]
-    if self.remat:  # ``train`` (argument 2, counting self) is a Python bool: static
-      block_cls = nn.remat(block_cls, static_argnums=(2,),
+    if self.remat:  # ``train`` and ``update_stats`` (arguments 2, 3, counting self): static
+      block_cls = nn.remat(block_cls, static_argnums=(2, 3),
                            policy=getattr(jax.checkpoint_policies, self.remat))
     for i, (n, c) in enumerate(zip(self.stage_sizes, self.widths), start=1):
       for b in range(n):
         name = f'stage{i}_block{b}'
-        h = block_cls(scale_width(c, self.width), stride=2 if i > 1 and b == 0 else 1,
-                      shortcut=self.shortcut, conv=scoped(self.conv, name), act=self.act,
-                      name=name)(block_input(h, local, name), train)
-        taps[name] = h
+        blk = block_cls(scale_width(c, self.width), stride=2 if i > 1 and b == 0 else 1,
+                        shortcut=self.shortcut, conv=scoped(self.conv, name), act=self.act,
+                        name=name)
+        z = block_input(h, local, name, again)
+        h = taps[name] = blk(z, train, True)
+        again = recompute(blk, z, train)
     logits = self.dense(self.num_classes, name='head')(
-        global_avg_pool(block_input(h, local, 'head')))
+        global_avg_pool(block_input(h, local, 'head', again)))
     return logits, taps

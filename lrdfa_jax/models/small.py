@@ -7,7 +7,8 @@ from typing import Callable
 import flax.linen as nn
 import jax
 
-from lrdfa_jax.models.common import ModuleFn, avg_pool_2x2, batch_norm, block_input, max_pool_2x2
+from lrdfa_jax.models.common import (ModuleFn, avg_pool_2x2, batch_norm, block_input,
+                                     max_pool_2x2, recompute)
 
 Array = jax.Array
 
@@ -59,21 +60,29 @@ class SmallConv(nn.Module):
     if self.norm not in ('none', 'batch'):
       raise ValueError(f"SmallConv norm must be 'none' or 'batch', got {self.norm!r}.")
     taps = {}
-    h = x
+    h, again = x, None  # again: the block below on its own cut input (``OVERLAP``)
     for i, w in enumerate(self.widths, start=1):
       name = f'conv{i}'
-      h = self.conv(w, (3, 3), strides=(1, 1), padding='SAME',
-                    name=name)(block_input(h, local, name))
-      if self.norm == 'batch':
-        h = batch_norm(train, f'{name}_bn')(h)
-      h = self.act(h)
-      if self.tap == 'conv':
-        taps[name] = h
-      h = max_pool_2x2(h) if i < len(self.widths) else avg_pool_2x2(h)
-      if self.tap == 'pooled':
-        taps[name] = h
-    h = h.reshape(h.shape[0], -1)
-    h = self.act(self.dense(self.hidden, name='fc1')(block_input(h, local, 'fc1')))
+      conv = self.conv(w, (3, 3), strides=(1, 1), padding='SAME', name=name)
+      bn = batch_norm(train, f'{name}_bn') if self.norm == 'batch' else None
+      pool = max_pool_2x2 if i < len(self.widths) else avg_pool_2x2
+
+      def block(z, update_stats=True, conv=conv, bn=bn, pool=pool):
+        z = conv(z)
+        if bn is not None:
+          z = bn(z, update_stats=update_stats)
+        a = self.act(z)
+        return a, pool(a)
+
+      z = block_input(h, local, name, again)
+      a, h = block(z)
+      taps[name] = a if self.tap == 'conv' else h
+      again = recompute(lambda z, update_stats, blk=block: blk(z, update_stats)[1], z)
+    flat = lambda t: t.reshape(t.shape[0], -1)
+    fc1 = self.dense(self.hidden, name='fc1')
+    z = flat(block_input(h, local, 'fc1', again))
+    h = self.act(fc1(z))
     taps['fc1'] = h
-    logits = self.dense(self.num_classes, name='head')(block_input(h, local, 'head'))
+    again = recompute(lambda z, update_stats: self.act(fc1(z)), z)
+    logits = self.dense(self.num_classes, name='head')(block_input(h, local, 'head', again))
     return logits, taps
