@@ -72,7 +72,7 @@ def global_avg_pool(x: Array) -> Array:
 # In a ``local`` frozenset: LoCo's overlap (Xiong et al. 2020) at every cut block input. The
 # cut block reads the block below *recomputed on that block's own cut input*, so the gradient
 # that reaches the cut trains the block below as well and stops at its input (see
-# :func:`block_input`); the forward values are the same, and XLA shares the recomputation.
+# :func:`block_input`); the forward values are the same.
 OVERLAP = '<overlap>'
 
 
