@@ -64,6 +64,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   f.modules = ''             # 'conv1+conv2,conv3+fc1+head': backprop within each, a cut between
                              # (names may be fnmatch patterns: 'conv1+stage1_*,stage2_*,...')
   f.overlap = False          # LoCo: the gradient at a cut also trains the block below (small_conv, resnets)
+  f.blockwise = False        # resnets, local signal: each block's update right after its forward
   f.feedback_lr = 1e-4       # learned feedback: AdamW (DKP's recipe: 1e-4, wd 1e-6, ×0.8/epoch)
   f.feedback_weight_decay = 1e-6
   f.feedback_lr_decay = 0.8  # per epoch

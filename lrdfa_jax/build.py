@@ -61,6 +61,17 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if config.model.name not in models.OVERLAP_MODELS:
       raise ConfigError(f'dfa.overlap is built for {", ".join(models.OVERLAP_MODELS)}, not '
                         f'{config.model.name}; set it False.')
+  if config.dfa.get('blockwise', False) and method in LOCAL_METHODS:  # backprop ignores it
+    d = config.dfa
+    if config.model.name not in models.BLOCKWISE_MODELS:
+      raise ConfigError(f'dfa.blockwise is built for {", ".join(models.BLOCKWISE_MODELS)}, not '
+                        f'{config.model.name}; set it False.')
+    clash = [f'dfa.{k}' for k in ('modules', 'overlap', 'bp_blocks', 'sim_weight') if d.get(k)]
+    clash += ['model.kwargs.remat'] if (config.model.get('kwargs') or {}).get('remat') else []
+    if d.get('signal', 'global') != 'local' or d.get('learn_feedback', 'none') == 'global' or clash:
+      raise ConfigError('dfa.blockwise takes each block\'s update from its own output alone: it '
+                        'needs dfa.signal=local and no ' + ', '.join(
+                            clash or ['global signal or global feedback learning']) + '.')
   r = config.get('rank')
   if r is not None and r.epochs:
     if method not in FACTORED_METHODS:
@@ -343,8 +354,10 @@ def step_config(config: ml_collections.ConfigDict, model, image_shape) -> StepCo
   """The run's :class:`StepConfig`, with the model's tap order when ``dfa.align='next'`` or
   ``dfa.modules`` needs it."""
   d = config.dfa
-  order = tap_order(model, image_shape) if d.align == 'next' or d.get('modules', '') else ()
-  return StepConfig.from_config(config, order)
+  blockwise = d.get('blockwise', False)
+  order = (tap_order(model, image_shape) if d.align == 'next' or d.get('modules', '') or blockwise
+           else ())
+  return StepConfig.from_config(config, order, models.residual_blocks(order) if blockwise else ())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,13 +57,45 @@ def tap_widths(tap_shapes: dict[str, Any], mode: str = 'channel') -> dict[str, i
           for n, s in tap_shapes.items()}
 
 
+
+def _tap_cotangent(name: str, h: Array, feedback: fb.Feedback, labels_B: Array,
+                   err_BxC: Array | None, *, signal: str, signal_mix: float, readout_norm: bool,
+                   readout_temperature: float, sim_weight: float, recon_weight: float,
+                   recon_size: int, images: Array | None, align: str, align_weight: float,
+                   global_cot: Array | None = None, num_classes: int = 0
+                   ) -> tuple[Array, dict[str, Array]]:
+  """One tap's cotangent (see :func:`local_grads`) and its loss terms (``ce``, ``rec``,
+  ``align``, where they apply): the signal, blended with the similarity term, plus the
+  reconstruction and output-alignment gradients."""
+  batch = h.shape[0]
+  terms = {}
+  if global_cot is not None:
+    cot = global_cot
+  else:
+    cot, terms['ce'] = sig.readout_cotangent(
+        h, feedback.block(name), labels_B, err_BxC, mix=signal_mix if signal == 'mixed' else 0.0,
+        norm=readout_norm, temperature=readout_temperature)
+  if sim_weight:
+    sim = jax.grad(sig.similarity_loss)(h, labels_B, num_classes)
+    cot = (1.0 - sim_weight) * cot + sim_weight * sim
+  if recon_weight and sig.has_decoder(feedback.block(name)):  # local readouts only
+    terms['rec'], drec = jax.value_and_grad(sig.reconstruction_loss)(
+        h, feedback.block(name), images, recon_size)
+    cot = cot + recon_weight * drec
+  if align == 'output' and align_weight:
+    terms['align'], da = jax.value_and_grad(losses.alignment_output)(h, cot * batch)
+    cot = cot + align_weight * da
+  return cot.astype(h.dtype), terms
+
+
 def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: Array, *,
                 align: str = 'none', align_weight: float = 0.0,
                 tap_order: Sequence[str] = (), signal: str = 'global', signal_mix: float = 0.5,
                 readout_norm: bool = True, readout_temperature: float = 0.5,
                 sim_weight: float = 0.0,
                 learn_feedback: str = 'none', recon_weight: float = 0.0, recon_size: int = 0,
-                images: Array | None = None) -> tuple[Any, dict[str, Any]]:
+                images: Array | None = None,
+                blockwise: Sequence[str] = ()) -> tuple[Any, dict[str, Any]]:
   """The DFA/SSA update: a pytree shaped like ``params`` to feed ``tx.update``.
 
   Args:
@@ -97,6 +129,13 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
       pooled to ``recon_size``, 0: their own side): such a tap's cotangent gains
       ``recon_weight · ∂L_rec/∂h`` (after the sim blend), and under ``learn_feedback='local'``
       the decoder learns ``recon_weight · L_rec``.
+    blockwise: the blocks whose update the model takes itself, right after each one's forward
+      (``dfa.blockwise``; local signal): ``forward`` is then called as
+      ``forward(params, local_step=fn) -> ((logits, taps), extra, block_grads)``, the model
+      asks ``fn(name, h)`` for a block's output cotangent and returns the block's gradient
+      in ``block_grads[name]``; everything else (stem, head) goes through the one ``vjp``.
+      Same update as without it, up to float rounding; what changes is the order, so a
+      block's activations can be freed before the next block runs.
 
   Returns:
     ``(updates, aux)``; ``aux`` holds ``loss`` (CE), ``logits``, ``extra``, ``align_loss``,
@@ -116,42 +155,63 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
     raise ValueError(f'align must be one of {ALIGNMENTS}, got {align!r}.')
   if recon_weight and images is None:
     raise ValueError('recon_weight needs the input images (images=...).')
-  (logits, taps), vjp_fn, extra = jax.vjp(forward, params, has_aux=True)
-  missing = set(feedback.names) - set(taps)
+  opts = dict(signal=signal, signal_mix=signal_mix, readout_norm=readout_norm,
+              readout_temperature=readout_temperature, sim_weight=sim_weight,
+              recon_weight=recon_weight, recon_size=recon_size, images=images,
+              align=align, align_weight=align_weight)
+  terms = {'ce': [], 'rec': [], 'align': [], 'feedback_grads': []}
+  if blockwise:
+    if signal != 'local' or sim_weight or learn_feedback == 'global':
+      raise ValueError('blockwise needs signal=local, sim_weight=0 and no global feedback '
+                       'learning: a block\'s error must come from its own output alone.')
+
+    def local_step(name, h):  # a block's cotangent, right after its forward
+      if name not in feedback.names:
+        return jnp.zeros_like(h)
+      cot, t = _tap_cotangent(name, h, feedback, labels_B, None, **opts)
+      for k, v in t.items():
+        terms[k].append(v)
+      if learn_feedback == 'local':
+        terms['feedback_grads'].append(feedback_grads(
+            feedback, {name: jax.lax.stop_gradient(h)}, labels_B, None, 'local',
+            norm=readout_norm, temperature=readout_temperature, recon_weight=recon_weight,
+            recon_size=recon_size, images=images))
+      return cot
+
+    fixed = {k: v for k, v in params.items() if k in blockwise}
+
+    def outer(free):
+      (logits, taps), extra, block_grads = forward({**free, **fixed}, local_step=local_step)
+      return (logits, {n: h for n, h in taps.items() if n not in blockwise}), (
+          extra, block_grads, terms)
+    free = {k: v for k, v in params.items() if k not in blockwise}
+    (logits, taps), vjp_fn, (extra, block_grads, terms) = jax.vjp(outer, free, has_aux=True)
+  else:
+    (logits, taps), vjp_fn, extra = jax.vjp(forward, params, has_aux=True)
+  missing = set(feedback.names) - set(taps) - set(blockwise)
   if missing:
     raise ValueError(f'feedback names blocks {sorted(missing)} that the model does not tap; '
                      f'taps are {sorted(taps)}.')
   batch = logits.shape[0]
   err_BxC = losses.output_error(logits, labels_B)
   signals = fb.project(feedback, err_BxC) if signal == 'global' else {}
-  align_loss = jnp.zeros(())
-  local_losses, recon_losses = [], []
   cotangents = {}
   for name, h in taps.items():
     if name not in feedback.names:
       cotangents[name] = jnp.zeros_like(h)
       continue
-    if signal == 'global':
-      cot = expand_signal(signals[name], h.shape, name) / batch
-    else:
-      cot, ce = sig.readout_cotangent(
-          h, feedback.block(name), labels_B, err_BxC, mix=signal_mix if signal == 'mixed' else 0.0,
-          norm=readout_norm, temperature=readout_temperature)
-      local_losses.append(ce)
-    if sim_weight:
-      sim = jax.grad(sig.similarity_loss)(h, labels_B, logits.shape[-1])
-      cot = (1.0 - sim_weight) * cot + sim_weight * sim
-    if recon_weight and sig.has_decoder(feedback.block(name)):  # local readouts only
-      rec, drec = jax.value_and_grad(sig.reconstruction_loss)(h, feedback.block(name), images,
-                                                              recon_size)
-      recon_losses.append(rec)
-      cot = cot + recon_weight * drec
-    if align == 'output' and align_weight:
-      a, da = jax.value_and_grad(losses.alignment_output)(h, cot * batch)
-      cot = cot + align_weight * da
-      align_loss = align_loss + a
-    cotangents[name] = cot.astype(h.dtype)
+    global_cot = (expand_signal(signals[name], h.shape, name) / batch if signal == 'global'
+                  else None)
+    cot, t = _tap_cotangent(name, h, feedback, labels_B, err_BxC, global_cot=global_cot,
+                            num_classes=logits.shape[-1], **opts)
+    for k, v in t.items():
+      terms[k].append(v)
+    cotangents[name] = cot
   (updates,) = vjp_fn(((err_BxC / batch).astype(logits.dtype), cotangents))
+  if blockwise:
+    updates = {k: block_grads[k] if k in blockwise else updates[k] for k in params}
+  align_loss = sum(terms['align']) if terms['align'] else jnp.zeros(())
+  local_losses, recon_losses = terms['ce'], terms['rec']
   if align in al.PARAM_TERMS and align_weight:
     term = functools.partial(al.PARAM_TERMS[align], channels=al.tap_channels(taps),
                              tap_order=tap_order)
@@ -162,16 +222,19 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
          'local_loss': sum(local_losses) / len(local_losses) if local_losses else jnp.zeros(()),
          'recon_loss': sum(recon_losses) / len(recon_losses) if recon_losses else jnp.zeros(()),
          'feedback_grads': None}
-  if learn_feedback != 'none':
+  if learn_feedback != 'none':  # under blockwise, `taps` are the rest: stem and head
     aux['feedback_grads'] = feedback_grads(
         feedback, {n: jax.lax.stop_gradient(h) for n, h in taps.items()}, labels_B, err_BxC,
         learn_feedback, norm=readout_norm, temperature=readout_temperature,
         recon_weight=recon_weight, recon_size=recon_size, images=images)
+    if terms['feedback_grads']:  # the blocks' readouts, from their own outputs
+      aux['feedback_grads'] = jax.tree.map(lambda *g: sum(g), aux['feedback_grads'],
+                                           *terms['feedback_grads'])
   return updates, aux
 
 
 def feedback_grads(feedback: fb.Feedback, taps: Mapping[str, Array], labels_B: Array,
-                   err_BxC: Array, rule: str, *, norm: bool = True,
+                   err_BxC: Array | None, rule: str, *, norm: bool = True,
                    temperature: float = 0.5, recon_weight: float = 0.0, recon_size: int = 0,
                    images: Array | None = None) -> fb.Feedback:
   """The gradient of learned feedback, shaped like ``feedback`` (see :func:`local_grads`).
@@ -181,19 +244,20 @@ def feedback_grads(feedback: fb.Feedback, taps: Mapping[str, Array], labels_B: A
   ``'global'`` (DKP): of ``Σ_i ⟨ψ(h_i) F_i, e⟩ / B`` with ``e`` held fixed, i.e.
   ``∇F_i = ψ(h_i)ᵀ e / B``, where ``ψ`` is the transpose of :func:`expand_signal` (a
   sum over positions for channel broadcast, a flatten for full maps).
+  Only the readouts of the blocks in ``taps`` contribute (``'local'`` needs no ``err_BxC``).
   """
-  batch = err_BxC.shape[0]
-  err = jax.lax.stop_gradient(err_BxC)
+  err = None if err_BxC is None else jax.lax.stop_gradient(err_BxC)
 
   def objective(f):
     total = jnp.zeros(())
-    for name in f.names:
+    for name in (n for n in f.names if n in taps):
       h, block = taps[name], f.block(name)
       if rule == 'local':
         total = total + sig.local_loss(h, block, labels_B, norm=norm, temperature=temperature)
         if recon_weight and sig.has_decoder(block):
           total = total + recon_weight * sig.reconstruction_loss(h, block, images, recon_size)
       else:
+        batch = h.shape[0]
         _, transpose = jax.vjp(lambda g: expand_signal(g, h.shape, name),
                                jnp.zeros((batch, sig.block_width(block)), h.dtype))
         (psi,) = transpose(h)

@@ -62,13 +62,16 @@ class StepConfig:
   bp_blocks: tuple[str, ...] = ()  # blocks whose update is the backprop gradient (diagnosis)
   modules: tuple[tuple[str, ...], ...] = ()  # runs of blocks trained by backprop within (DGL)
   overlap: bool = False            # LoCo: a cut's gradient also trains the block below it
+  blockwise: tuple[str, ...] = ()  # blocks updated right after their forward (dfa.blockwise)
   xla_scheduler: str = 'auto'      # auto | default | memory (XLA:CPU's; :func:`scheduled_jit`)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
-                  tap_order: tuple[str, ...] = ()) -> 'StepConfig':
+                  tap_order: tuple[str, ...] = (),
+                  blockwise: tuple[str, ...] = ()) -> 'StepConfig':
     """The step of ``config`` (``tap_order``: the model's taps in forward order, for
-    ``align='next'`` and the patterns of ``dfa.modules``)."""
+    ``align='next'`` and the patterns of ``dfa.modules``; ``blockwise``: the blocks the model
+    updates itself under ``dfa.blockwise``)."""
     d = config.dfa
     return cls(method=d.method, align=d.align, align_weight=float(d.align_weight),
                tap_order=tuple(tap_order) if d.align == 'next' else (),
@@ -84,6 +87,7 @@ class StepConfig:
                modules=(parse_modules(d.get('modules', ''), tuple(tap_order))
                         if d.method in LOCAL_METHODS else ()),
                overlap=bool(d.get('overlap', False)) and d.method in LOCAL_METHODS,
+               blockwise=tuple(blockwise) if d.method in LOCAL_METHODS else (),
                xla_scheduler=(config.get('train') or {}).get('xla_scheduler', 'auto'))
 
 
@@ -156,8 +160,13 @@ def compute_updates(cfg: StepConfig, state: TrainState, batch: dict[str, Any]):
   if local and (cfg.modules or cfg.overlap):
     local = joined_blocks(cfg.modules) | ({OVERLAP} if cfg.overlap else set())
 
-  def forward(params, local=local):
+  def forward(params, local=local, local_step=None):
     variables = _variables(state, params)
+    if local_step is not None:  # dfa.blockwise: the model returns the blocks' updates too
+      out, mutated = state.apply_fn(variables, batch['image'], train=True, local=local,
+                                    local_step=local_step,
+                                    mutable=['batch_stats', 'local_grads'])
+      return out, mutated.get('batch_stats', state.batch_stats), mutated['local_grads']['blocks']
     if state.batch_stats:
       out, mutated = state.apply_fn(variables, batch['image'], train=True, local=local,
                                     mutable=['batch_stats'])
@@ -173,7 +182,7 @@ def compute_updates(cfg: StepConfig, state: TrainState, batch: dict[str, Any]):
                                  sim_weight=cfg.sim_weight,
                                  learn_feedback=cfg.learn_feedback,
                                  recon_weight=cfg.recon_weight, recon_size=cfg.recon_size,
-                                 images=batch['image'])
+                                 images=batch['image'], blockwise=cfg.blockwise)
     if cfg.bp_blocks:
       bp, _ = dfa.bp_grads(functools.partial(forward, local=False), state.params,
                            batch['label'])

@@ -86,6 +86,7 @@ RUN_INDEPENDENT = MONITORING + ('train.stop_after_steps', 'train.num_devices',
                                 'train.distributed', 'train.coordinator_address',
                                 'train.num_processes', 'train.process_id', 'train.timeout_s',
                                 'train.heartbeat_s', 'train.xla_scheduler',
+                                'dfa.blockwise',  # the same update, in another order
                                 'data.cache_dir', 'data.data_dir')
 # dfa fields backprop never reads: a bp/svd_bp run is the same run whatever they hold
 BACKPROP_IGNORED = ('delivery', 'feedback', 'feedback_rank', 'feedback_scale', 'align',

@@ -782,6 +782,54 @@ def test_overlap_on_a_resnet_crosses_one_block_at_each_stage_cut():
   jax.tree.map(close, got['stage1_block1'], s1['stage1_block1'])
 
 
+@pytest.mark.parametrize('learn, align', [('none', 'output'), ('local', 'none')])
+def test_blockwise_step_gives_the_same_update_and_state_in_block_order(learn, align):
+  """dfa.blockwise on ResNet-20 (BN, local readouts): the same update, BN statistics, losses
+  and readout gradients as the one-vjp step; in the compiled program every block's weight
+  gradient comes before the next block's forward, so fewer temporary bytes."""
+  from configs import zoo
+  c = zoo.get_config('resnet20,cifar10,smoke')
+  c.model.kwargs.width = 0.5
+  c.train.xla_scheduler = 'default'
+  c.dfa.update(method='ssa', signal='local', align=align, align_weight=0.1,
+               learn_feedback=learn)
+  run = build.setup(c)
+  cb = _with(c, dfa__blockwise=True)
+  cfg_b = build.setup(cb).step_cfg
+  assert cfg_b.blockwise == tuple(f'stage{i}_block{j}' for i in (1, 2, 3) for j in range(3))
+  rng = np.random.default_rng(0)
+  batch = {'image': jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32),
+           'label': jnp.asarray(rng.integers(0, 10, 8))}
+  step = lambda cfg: jax.jit(functools.partial(steps_lib.compute_updates, cfg))
+  (want, aux_w), (got, aux_g) = (step(cfg)(run.state, batch) for cfg in (run.step_cfg, cfg_b))
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+  jax.tree.map(close, got, want)
+  jax.tree.map(close, aux_g['extra'], aux_w['extra'])  # BN statistics, counted once
+  for k in ('loss', 'local_loss', 'align_loss'):
+    close(aux_g[k], aux_w[k])
+  if learn == 'local':
+    jax.tree.map(close, aux_g['feedback_grads'], aux_w['feedback_grads'])
+  assert float(jnp.abs(got['stage2_block1']['conv1']['u']).sum()) > 0  # a real update
+  temp = lambda cfg: step(cfg).lower(run.state, batch).compile().memory_analysis(
+      ).temp_size_in_bytes
+  assert temp(cfg_b) < temp(run.step_cfg)
+
+
+@pytest.mark.parametrize('kw, message', [
+    ({'dfa__signal': 'global'}, 'needs dfa.signal=local'),
+    ({'dfa__overlap': True}, 'no dfa.overlap'),
+])
+def test_blockwise_needs_a_local_signal_on_a_resnet(kw, message):
+  from configs import zoo
+  c = zoo.get_config('resnet20,cifar10,smoke')
+  c.dfa.update(method='ssa', signal='local', blockwise=True)
+  with pytest.raises(train.ConfigError, match=message):
+    build.validate(_with(c, **kw))
+  with pytest.raises(train.ConfigError, match='built for resnet20, .* not small_conv'):
+    build.validate(tiny_config(dfa__signal='local', dfa__blockwise=True))
+  build.validate(_with(c, dfa__method='bp'))  # backprop ignores it, as the other dfa fields
+
+
 @pytest.mark.parametrize('kw, message', [
     ({'dfa__method': 'svd_bp'}, 'svd_bp is not local'),
     ({'model__name': 'mlp'}, 'built for small_conv, .* not mlp'),

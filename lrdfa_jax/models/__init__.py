@@ -18,7 +18,7 @@ Zoo (select by name in :data:`MODELS`): ``mlp``, ``small_conv``, ``vgg13``, ``re
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -52,6 +52,13 @@ MODELS = {
 }
 # the models that recompute the block below a cut for ``dfa.overlap`` (common.OVERLAP)
 OVERLAP_MODELS = ('small_conv', 'resnet20', 'resnet32', 'resnet56', 'resnet18', 'resnet50')
+# the models that can take each residual block's update right after its forward (dfa.blockwise)
+BLOCKWISE_MODELS = ('resnet20', 'resnet32', 'resnet56', 'resnet18', 'resnet50')
+
+
+def residual_blocks(tap_order: Sequence[str]) -> tuple[str, ...]:
+  """The taps of a ResNet that are residual blocks (``stage{i}_block{j}``), in forward order."""
+  return tuple(n for n in tap_order if n.startswith('stage'))
 
 
 def _fields(fn) -> Mapping[str, Any]:
@@ -107,9 +114,9 @@ def build_model(name: str, *, num_classes: int, rank: layers.Rank | None = None,
 
 __all__ = [
     'ACTIVATIONS', 'BLOCKS', 'INPUT_LAYERS', 'MLP', 'MODELS', 'MOBILENET_V1_BLOCKS',
-    'OUTPUT_LAYERS', 'OVERLAP_MODELS',
+    'BLOCKWISE_MODELS', 'OUTPUT_LAYERS', 'OVERLAP_MODELS',
     'VGG13_WIDTHS', 'BasicBlock', 'Bottleneck', 'DepthwiseSeparable', 'MobileNetV1', 'ResNet',
     'SmallConv', 'VGG', 'avg_pool_2x2', 'block_input', 'build_model', 'global_avg_pool',
-    'input_layer', 'layer_factory', 'layer_paths', 'layer_rank', 'max_pool_2x2',
+    'input_layer', 'layer_factory', 'layer_paths', 'layer_rank', 'max_pool_2x2', 'residual_blocks',
     'max_pool_3x3_s2', 'output_layer', 'scoped', 'unmatched_overrides',
 ]

@@ -101,6 +101,15 @@ class Bottleneck(nn.Module):
 BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
 
 
+def after(x: Array, tree) -> Array:
+  """``x`` unchanged, but computable only once every leaf of ``tree`` is: an exact zero made
+  from the sum of all of ``tree`` is added to it. XLA:CPU drops ``lax.optimization_barrier``
+  before it schedules, so this data dependency is what orders the program (a non-finite sum
+  adds zero, never a NaN)."""
+  total = sum(jnp.sum(leaf) for leaf in jax.tree.leaves(tree))
+  return x + (jnp.where(jnp.abs(total) < 1.0, total, 0.0) * 0.0).astype(x.dtype)
+
+
 class ResNet(nn.Module):
   """A ResNet: a stem, stages of residual blocks, global average pool, ``head``.
 
@@ -133,7 +142,16 @@ class ResNet(nn.Module):
   remat: str = ''
 
   @nn.compact
-  def __call__(self, x: Array, *, train: bool = False, local: bool | frozenset[str] = False):
+  def __call__(self, x: Array, *, train: bool = False, local: bool | frozenset[str] = False,
+               local_step: Callable[[str, Array], Array] | None = None):
+    """``(logits, taps)``. With ``local_step`` (``dfa.blockwise``; needs ``local=True``) each
+    residual block's update is taken right after its forward: ``local_step(name, h)`` gives
+    the cotangent of the block's output, the block's param gradient is sown into the
+    ``'local_grads'`` collection (``blocks``, a dict by block name), and the next block starts only once it is
+    computed (:func:`after`), so a block's activations die before the next runs."""
+    if local_step is not None and (local is not True or self.remat):
+      raise ValueError('local_step (dfa.blockwise) needs local=True (every block input cut, no '
+                       'modules or overlap) and remat off.')
     if self.remat and not callable(getattr(jax.checkpoint_policies, self.remat, None)):
       raise ValueError(f'remat {self.remat!r} is not a jax.checkpoint_policies policy; use one '
                        "of them (e.g. 'nothing_saveable') or '' (off).")
@@ -170,7 +188,14 @@ class ResNet(nn.Module):
                         shortcut=self.shortcut, conv=scoped(self.conv, name), act=self.act,
                         name=name)
         z = block_input(h, local, name, again)
-        h = taps[name] = blk(z, train, True)
+        if local_step is None:
+          h = taps[name] = blk(z, train, True)
+        else:
+          h, block_vjp = nn.vjp(lambda m, z: m(z, train, True), blk, z)
+          grads, _ = block_vjp(local_step(name, h))
+          self.sow('local_grads', 'blocks', {name: grads['params']}, init_fn=dict,
+                   reduce_fn=lambda acc, g: {**acc, **g})
+          h = taps[name] = after(h, grads)
         again = recompute(blk, z, train)
     logits = self.dense(self.num_classes, name='head')(
         global_avg_pool(block_input(h, local, 'head', again)))
