@@ -160,12 +160,14 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
               recon_weight=recon_weight, recon_size=recon_size, images=images,
               align=align, align_weight=align_weight)
   terms = {'ce': [], 'rec': [], 'align': [], 'feedback_grads': []}
+  block_taps = {}  # blockwise: the shapes of the taps the model handled itself
   if blockwise:
     if signal != 'local' or sim_weight or learn_feedback == 'global':
       raise ValueError('blockwise needs signal=local, sim_weight=0 and no global feedback '
                        'learning: a block\'s error must come from its own output alone.')
 
     def local_step(name, h):  # a block's cotangent, right after its forward
+      block_taps[name] = jax.ShapeDtypeStruct(h.shape, h.dtype)  # for the param terms
       if name not in feedback.names:
         return jnp.zeros_like(h)
       cot, t = _tap_cotangent(name, h, feedback, labels_B, None, **opts)
@@ -213,7 +215,8 @@ def local_grads(forward: Forward, params: Any, feedback: fb.Feedback, labels_B: 
   align_loss = sum(terms['align']) if terms['align'] else jnp.zeros(())
   local_losses, recon_losses = terms['ce'], terms['rec']
   if align in al.PARAM_TERMS and align_weight:
-    term = functools.partial(al.PARAM_TERMS[align], channels=al.tap_channels(taps),
+    term = functools.partial(al.PARAM_TERMS[align],
+                             channels=al.tap_channels({**taps, **block_taps}),
                              tap_order=tap_order)
     align_loss, da = jax.value_and_grad(term)(params, feedback)
     updates = jax.tree.map(lambda u, d: u + align_weight * d, updates, da)

@@ -782,7 +782,8 @@ def test_overlap_on_a_resnet_crosses_one_block_at_each_stage_cut():
   jax.tree.map(close, got['stage1_block1'], s1['stage1_block1'])
 
 
-@pytest.mark.parametrize('learn, align', [('none', 'output'), ('local', 'none')])
+@pytest.mark.parametrize('learn, align', [('none', 'output'), ('local', 'none'),
+                                          ('none', 'channel_subspace')])
 def test_blockwise_step_gives_the_same_update_and_state_in_block_order(learn, align):
   """dfa.blockwise on ResNet-20 (BN, local readouts): the same update, BN statistics, losses
   and readout gradients as the one-vjp step; in the compiled program every block's weight
