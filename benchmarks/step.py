@@ -73,6 +73,8 @@ RANK_SWEEP = (0.5, 0.25, 0.125)
 TARGET_LOCAL_VS_SAME_WEIGHTS = 2 / 3   # dfa vs bp, ssa vs svd_bp: no input gradients
 TARGET_SSA_VS_BP_AT_QUARTER = 1 / 2    # ssa at 1/4 of the params: >= 2x faster than dense bp
 TARGET_SSA_VS_SVD_BP_AT_QUARTER = 1 / 1.3  # ... and >= 1.3x faster than svd_bp
+TARGET_LOCAL_SIGNAL_TEMP_VS_BP = 0.2   # local signal: ResNet-56 temporaries <= 0.2x bp's ...
+TARGET_LOCAL_SIGNAL_DEPTH_GROWTH = 1.2  # ... and <= 1.2x ResNet-20's (flat in depth)
 
 
 # --------------------------------------------------------------------------------- config
@@ -403,6 +405,7 @@ def benchmark(config: ml_collections.ConfigDict, methods: Sequence[str] = steps_
                    'orth_weight': config.dfa.orth_weight, 'feedback': config.dfa.feedback,
                    'delivery': config.dfa.delivery, 'kwargs': config.model.kwargs.to_dict(),
                    'signal': config.dfa.get('signal', 'global'),
+                   'blockwise': bool(config.dfa.get('blockwise', False)),
                    'xla_scheduler': config.train.get('xla_scheduler', 'auto')},
     })
     records.append(rec)
@@ -496,6 +499,16 @@ def target_table(records: Sequence[dict[str, Any]]) -> str:
           TARGET_SSA_VS_SVD_BP_AT_QUARTER)
       row(m, f'ssa temp bytes / bp temp bytes{at}', r.get('temp_ratio_to_bp'), 1.0)
       row(m, f'ssa temp bytes / svd_bp temp bytes{at}', r.get('temp_ratio_to_svd_bp'), 1.0)
+  # under the local signal, memory flat in depth: ResNet-56 against bp and against ResNet-20
+  ssa = {r['model']: r for r in records if r['method'] == 'ssa'
+         and (r.get('config') or {}).get('signal') == 'local'}
+  if 'resnet56' in ssa:
+    row('resnet56', 'ssa temp bytes / bp temp bytes, local signal',
+        ssa['resnet56'].get('temp_ratio_to_bp'), TARGET_LOCAL_SIGNAL_TEMP_VS_BP)
+    if 'resnet20' in ssa:
+      row('resnet56', 'ssa temp bytes / ResNet-20 ssa temp bytes, local signal',
+          ssa['resnet56']['temp_bytes'] / ssa['resnet20']['temp_bytes'],
+          TARGET_LOCAL_SIGNAL_DEPTH_GROWTH)
   return '\n'.join(lines)
 
 
