@@ -188,14 +188,16 @@ def test_stacked_blocks_give_the_unrolled_update(tmp_path, capsys):
 
 
 def test_target_table_checks_local_signal_memory_flat_in_depth():
-  """The depth sweep's memory targets: ResNet-56 ≤ 0.2× bp and ≤ 1.2× ResNet-20 (local signal)."""
+  """The depth sweep's memory targets (local signal): ResNet-56 ≤ 0.2× bp, ≤ 1.2× ResNet-20."""
   def rec(model, method, temp, ratio, signal='local'):
     return {'model': model, 'method': method, 'temp_bytes': temp, 'temp_ratio_to_bp': ratio,
             'config': {'signal': signal}, 'param_fraction': 0.25, 'target_param_fraction': None}
   good = [rec('resnet20', 'ssa', 100, 0.38), rec('resnet56', 'ssa', 110, 0.14)]
   table = step.target_table(good)
-  assert '| resnet56 | ssa temp bytes / bp temp bytes, local signal | 0.14 | ≤ 0.20 | yes |' in table
-  assert '| resnet56 | ssa temp bytes / ResNet-20 ssa temp bytes, local signal | 1.10 | ≤ 1.20 | yes |' in table
+  assert ('| resnet56 | ssa temp bytes / bp temp bytes, local signal | 0.14 | ≤ 0.20 | yes |'
+          in table)
+  assert ('| resnet56 | ssa temp bytes / ResNet-20 ssa temp bytes, local signal | 1.10 | '
+          '≤ 1.20 | yes |' in table)
   bad = step.target_table([rec('resnet20', 'ssa', 100, 0.5), rec('resnet56', 'ssa', 130, 0.27)])
   assert bad.count('**no**') == 2
   assert 'local signal' not in step.target_table(

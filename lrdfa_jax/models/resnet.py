@@ -147,8 +147,9 @@ class ResNet(nn.Module):
     """``(logits, taps)``. With ``local_step`` (``dfa.blockwise``; needs ``local=True``) each
     residual block's update is taken right after its forward: ``local_step(name, h)`` gives
     the cotangent of the block's output, the block's param gradient is sown into the
-    ``'local_grads'`` collection (``blocks``, a dict by block name), and the next block starts only once it is
-    computed (:func:`after`), so a block's activations die before the next runs."""
+    ``'local_grads'`` collection (``blocks``, a dict by block name), and the next block starts
+    only once it is computed (:func:`after`), so a block's activations die before the next
+    runs."""
     if local_step is not None and (local is not True or self.remat):
       raise ValueError('local_step (dfa.blockwise) needs local=True (every block input cut, no '
                        'modules or overlap) and remat off.')
