@@ -127,10 +127,19 @@ VARIANTS['ssa_local_pred_k2_wide_overlap_bn'] = ({**VARIANTS['ssa_local_pred_k2_
                                                  'dfa.overlap': True}, False)
 VARIANTS['ssa_local_pred_stages_overlap'] = ({**VARIANTS['ssa_local_pred_stages'][0],
                                               'dfa.overlap': True}, False)
+# ... and the SmallConv's best on the ResNets: two modules (DGL's K = 2), the stem with stages 1
+# and 2, then stage 3 with the classifier; the one readout (stage 2's end) on the finer grid, and
+# LoCo's overlap at the cut
+K2_STAGE_MODULES = 'conv1+stage1_*+stage2_*,stage3_*+head'
+VARIANTS['ssa_local_pred_k2_stages_overlap'] = ({**VARIANTS['ssa_local_pred_stages'][0],
+                                                'dfa.modules': K2_STAGE_MODULES,
+                                                'dfa.readout_dim': WIDE_READOUT,
+                                                'dfa.overlap': True}, False)
 # variants whose fields name blocks of some models only -> those models (and the advice for others)
 _STAGES = (('resnet20', 'resnet32', 'resnet56'),
            "one module per ResNet stage; on small_conv: 'ssa_local_pred_k2_bn'")
-ONLY_ON = {'ssa_local_pred_stages': _STAGES, 'ssa_local_pred_stages_overlap': _STAGES}
+ONLY_ON = {'ssa_local_pred_stages': _STAGES, 'ssa_local_pred_stages_overlap': _STAGES,
+           'ssa_local_pred_k2_stages_overlap': _STAGES}
 # an ablation's learning rate is its base variant's tuned one
 BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': 'svd_bp',
         'ssa_local_pred_wide_bn': 'ssa_local_pred_bn', 'ssa_local_mlp_bn': 'ssa_local_pred_bn',
@@ -141,6 +150,7 @@ BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': '
         'ssa_local_pred_stages': 'ssa_local_pred',
         'ssa_local_pred_k2_wide_overlap_bn': 'ssa_local_pred_k2_bn',
         'ssa_local_pred_stages_overlap': 'ssa_local_pred_stages',
+        'ssa_local_pred_k2_stages_overlap': 'ssa_local_pred_stages',
         'ssa_channel_noalign': 'ssa_channel', 'ssa_channel_noorth': 'ssa_channel',
         **{f'{m}_{v}': m for m in ('ssa', 'svd_bp') for v in ('r8', 'reduce', 'reduce_hoyer', 'reduce_h01')}}
 

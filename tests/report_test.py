@@ -118,7 +118,7 @@ def test_protocol_variants_share_one_pipeline():
   base = protocol.config_for('bp', 0, 10).to_dict()
   for name in protocol.VARIANTS:
     if not protocol.applies(name, 'small_conv'):  # one module per ResNet stage
-      assert name in ('ssa_local_pred_stages', 'ssa_local_pred_stages_overlap')
+      assert name in protocol.ONLY_ON and 'stages' in name
       assert protocol.applies(name, 'resnet20')
       continue
     c = protocol.config_for(name, 1, 10).to_dict()
