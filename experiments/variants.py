@@ -45,6 +45,12 @@ VARIANTS = {
               False),
     'svd_bp_bn': ({'dfa.method': 'svd_bp', 'model.act': 'leaky_relu',
                    'model.kwargs': {'norm': 'batch'}}, False),
+    # ... and the global-signal methods on it (the "every method"; the tanh net's dfa
+    # and ssa are the baselines the local variants were measured against before)
+    'dfa_bn': ({'dfa.method': 'dfa', 'model.act': 'leaky_relu', 'model.kwargs': {'norm': 'batch'}},
+               False),
+    'ssa_bn': ({'dfa.method': 'ssa', 'model.act': 'leaky_relu', 'model.kwargs': {'norm': 'batch'}},
+               False),
     'ssa_local_pred_bn': ({'dfa.method': 'ssa', 'dfa.signal': 'local',
                            'dfa.learn_feedback': 'local', 'dfa.feedback_lr': 1e-3,
                            'dfa.feedback_lr_decay': 1.0, 'model.act': 'leaky_relu',
