@@ -57,7 +57,6 @@ def tap_widths(tap_shapes: dict[str, Any], mode: str = 'channel') -> dict[str, i
           for n, s in tap_shapes.items()}
 
 
-
 def _tap_cotangent(name: str, h: Array, feedback: fb.Feedback, labels_B: Array,
                    err_BxC: Array | None, *, signal: str, signal_mix: float, readout_norm: bool,
                    readout_temperature: float, sim_weight: float, recon_weight: float,
