@@ -1,6 +1,6 @@
 """Results table and plots from run directories or exported summaries.
 
-Export finished runs (one JSON each, with accuracy and angle curves) and rebuild the report:
+Export finished runs (one JSON each, with accuracy, train and angle curves) and rebuild the report:
   python -m experiments.report --runs='runs/c10/*' --export=results/cifar10_small_conv
   python -m experiments.report --results=results/cifar10_small_conv
 The second command writes ``report.md`` (mean ± std over seeds per variant) and
@@ -102,6 +102,23 @@ def file_stem(summary: dict) -> str:
           .replace('*', 'all').replace('?', 'any').replace('[', '').replace(']', ''))
 
 
+def train_curves(recs: list[dict], steps_per_epoch: float) -> dict[str, list]:
+  """``train/accuracy`` and ``train/loss`` per epoch: the mean of the records logged in it
+  (every ``train.log_every`` steps, one training batch each: train mode, augmented), at the
+  epoch's last step. A test curve that falls while this one rises is a fall in evaluation
+  (e.g. BatchNorm's running statistics), not in learning."""
+  out = {}
+  for key in ('train/accuracy', 'train/loss'):
+    by_epoch = collections.defaultdict(list)
+    for r in recs:
+      if key in r and r['step'] > 0:
+        by_epoch[int(np.ceil(r['step'] / steps_per_epoch - 1e-9))].append(r[key])
+    if by_epoch:
+      out[key] = [[round(e * steps_per_epoch), float(np.mean(v))]
+                  for e, v in sorted(by_epoch.items())]
+  return out
+
+
 def export_run(run_dir: str, out_dir: str) -> str:
   """Writes ``summary.json`` of a run plus its curves to ``out_dir``; returns the path."""
   with open(os.path.join(run_dir, 'summary.json')) as f:
@@ -113,7 +130,8 @@ def export_run(run_dir: str, out_dir: str) -> str:
       if k.startswith(('test/accuracy', 'validation/accuracy', 'angle/')):
         curves[k].append([r['step'], v])
   steps_per_epoch = summary['step'] / summary['epochs'] if summary['epochs'] else 1
-  summary['curves'] = {'steps_per_epoch': steps_per_epoch, **curves}
+  summary['curves'] = {'steps_per_epoch': steps_per_epoch, **curves,
+                       **train_curves(recs, steps_per_epoch)}
   summary['variant'] = variant(summary)
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, file_stem(summary) + '.json')

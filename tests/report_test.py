@@ -26,6 +26,10 @@ def test_export_table_and_plots(tmp_path):
             'epochs', 'wall_time_s', 'machine', 'config'):
     assert k in s
   assert s['curves']['test/accuracy'][-1][1] == s['final_test_accuracy']
+  logged = [r['train/accuracy'] for r in report.read_jsonl(
+      str(tmp_path / 'runs' / 'a' / 'metrics.jsonl')) if 'train/accuracy' in r]
+  assert logged and s['curves']['train/accuracy'] == [[s['step'], pytest.approx(np.mean(logged))]]
+  assert len(s['curves']['train/loss']) == 1
   md = report.table(results)
   accs = [runs['a']['final_test_accuracy'], runs['b']['final_test_accuracy']]
   row = next(l for l in md.splitlines() if l.startswith('| ssa rank 0.5 |'))  # tiny_config's
@@ -314,3 +318,15 @@ def test_term_scales_measures_nested_layers_and_the_terms_the_run_trains(tmp_pat
   # stage1's output
   assert out['layers']['stage2_block0/conv1']['v']['align'] > 0
   assert out['layers']['stage2_block0/conv1']['u']['align'] == 0.0
+
+
+def test_train_curves_are_per_epoch_means_at_the_epochs_last_step():
+  recs = [{'step': 0, 'angle/a': 1.0},  # no train record at step 0 counts
+          {'step': 2, 'train/accuracy': 10.0, 'train/loss': 2.0},
+          {'step': 4, 'train/accuracy': 30.0, 'train/loss': 1.0, 'epoch': 1.0},  # epoch 1's last
+          {'step': 4, 'test/accuracy': 5.0},
+          {'step': 6, 'train/accuracy': 50.0, 'train/loss': 0.5}]
+  c = report.train_curves(recs, steps_per_epoch=4.0)
+  assert c['train/accuracy'] == [[4, 20.0], [8, 50.0]]
+  assert c['train/loss'] == [[4, 1.5], [8, 0.5]]
+  assert report.train_curves([{'step': 3, 'test/accuracy': 1.0}], 4.0) == {}
