@@ -106,13 +106,14 @@ def train_curves(recs: list[dict], steps_per_epoch: float) -> dict[str, list]:
   """``train/accuracy`` and ``train/loss`` per epoch: the mean of the records logged in it
   (every ``train.log_every`` steps, one training batch each: train mode, augmented), at the
   epoch's last step. A test curve that falls while this one rises is a fall in evaluation
-  (e.g. BatchNorm's running statistics), not in learning."""
+  (e.g. BatchNorm's running statistics), not in learning. A step logged twice (a run resumed
+  from a checkpoint older than its last log) counts once, as its last record."""
   out = {}
   for key in ('train/accuracy', 'train/loss'):
+    by_step = {r['step']: r[key] for r in recs if key in r and r['step'] > 0}
     by_epoch = collections.defaultdict(list)
-    for r in recs:
-      if key in r and r['step'] > 0:
-        by_epoch[int(np.ceil(r['step'] / steps_per_epoch - 1e-9))].append(r[key])
+    for step, v in by_step.items():
+      by_epoch[int(np.ceil(step / steps_per_epoch - 1e-9))].append(v)
     if by_epoch:
       out[key] = [[round(e * steps_per_epoch), float(np.mean(v))]
                   for e, v in sorted(by_epoch.items())]

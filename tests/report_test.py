@@ -325,7 +325,8 @@ def test_train_curves_are_per_epoch_means_at_the_epochs_last_step():
           {'step': 2, 'train/accuracy': 10.0, 'train/loss': 2.0},
           {'step': 4, 'train/accuracy': 30.0, 'train/loss': 1.0, 'epoch': 1.0},  # epoch 1's last
           {'step': 4, 'test/accuracy': 5.0},
-          {'step': 6, 'train/accuracy': 50.0, 'train/loss': 0.5}]
+          {'step': 6, 'train/accuracy': 40.0, 'train/loss': 0.7},
+          {'step': 6, 'train/accuracy': 50.0, 'train/loss': 0.5}]  # logged again after a resume
   c = report.train_curves(recs, steps_per_epoch=4.0)
   assert c['train/accuracy'] == [[4, 20.0], [8, 50.0]]
   assert c['train/loss'] == [[4, 1.5], [8, 0.5]]
