@@ -102,18 +102,23 @@ def file_stem(summary: dict) -> str:
           .replace('*', 'all').replace('?', 'any').replace('[', '').replace(']', ''))
 
 
+def by_step(recs: list[dict], key: str) -> dict[int, float]:
+  """``step -> value`` of ``key`` in step order. A step logged twice (a run resumed from a
+  checkpoint older than its last log) keeps its last record: the one the run went on from."""
+  return dict(sorted({r['step']: r[key] for r in recs if key in r}.items()))
+
+
 def train_curves(recs: list[dict], steps_per_epoch: float) -> dict[str, list]:
   """``train/accuracy`` and ``train/loss`` per epoch: the mean of the records logged in it
   (every ``train.log_every`` steps, one training batch each: train mode, augmented), at the
   epoch's last step. A test curve that falls while this one rises is a fall in evaluation
-  (e.g. BatchNorm's running statistics), not in learning. A step logged twice (a run resumed
-  from a checkpoint older than its last log) counts once, as its last record."""
+  (e.g. BatchNorm's running statistics), not in learning."""
   out = {}
   for key in ('train/accuracy', 'train/loss'):
-    by_step = {r['step']: r[key] for r in recs if key in r and r['step'] > 0}
     by_epoch = collections.defaultdict(list)
-    for step, v in by_step.items():
-      by_epoch[int(np.ceil(step / steps_per_epoch - 1e-9))].append(v)
+    for step, v in by_step(recs, key).items():
+      if step > 0:
+        by_epoch[int(np.ceil(step / steps_per_epoch - 1e-9))].append(v)
     if by_epoch:
       out[key] = [[round(e * steps_per_epoch), float(np.mean(v))]
                   for e, v in sorted(by_epoch.items())]
@@ -125,11 +130,9 @@ def export_run(run_dir: str, out_dir: str) -> str:
   with open(os.path.join(run_dir, 'summary.json')) as f:
     summary = json.load(f)
   recs = read_jsonl(os.path.join(run_dir, 'metrics.jsonl'))
-  curves = collections.defaultdict(list)
-  for r in recs:
-    for k, v in r.items():
-      if k.startswith(('test/accuracy', 'validation/accuracy', 'angle/')):
-        curves[k].append([r['step'], v])
+  keys = {k for r in recs for k in r
+          if k.startswith(('test/accuracy', 'validation/accuracy', 'angle/'))}
+  curves = {k: [[step, v] for step, v in by_step(recs, k).items()] for k in sorted(keys)}
   steps_per_epoch = summary['step'] / summary['epochs'] if summary['epochs'] else 1
   summary['curves'] = {'steps_per_epoch': steps_per_epoch, **curves,
                        **train_curves(recs, steps_per_epoch)}

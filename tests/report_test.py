@@ -331,3 +331,5 @@ def test_train_curves_are_per_epoch_means_at_the_epochs_last_step():
   assert c['train/accuracy'] == [[4, 20.0], [8, 50.0]]
   assert c['train/loss'] == [[4, 1.5], [8, 0.5]]
   assert report.train_curves([{'step': 3, 'test/accuracy': 1.0}], 4.0) == {}
+  assert report.by_step(recs + [{'step': 1, 'train/loss': 9.0}], 'train/loss') == {
+      1: 9.0, 2: 2.0, 4: 1.0, 6: 0.5}
