@@ -15,7 +15,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   #                           fraction 0 < r < 1 of full rank; full rank: overrides '*:full,...'
   m.overrides = 'conv1:dense,head:dense'  # 'layer:rank|full|dense', comma separated, last wins
   m.split = 'channel'        # conv factorisation: spatial (kh×1 then 1×kw) | channel (kh×kw then 1×1)
-  m.conv_execution = 'factored'  # factored convs: factored (two thin convs) | kernel (rebuilt, one conv)
+  m.conv_execution = 'auto'  # factored convs: factored (two thin convs) | kernel (rebuilt, one
+  #                           conv) | auto (kernel for convs of <= 16 channels on CPU, else factored)
   m.im2col_positions = 16    # convs with <= this many output positions run as im2col + matmul
   m.conv_kernel_grad = 'auto'  # conv kernel gradient: xla | gemm (kh·kw GEMMs) | auto (gemm on CPU)
   m.act = 'tanh'             # relu | tanh | gelu | silu | leaky_relu (tanh trains better under DFA)

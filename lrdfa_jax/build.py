@@ -86,7 +86,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ConfigError(f'rank.floor={r.floor}: an int rank >= 1 or a fraction in (0, 1).')
   if config.train.get('max_loss', 0.0) < 0:
     raise ConfigError('train.max_loss must be >= 0 (0: 20 × the chance loss ln(classes)).')
-  if config.model.get('conv_execution', 'factored') not in layers.CONV_EXECUTIONS:
+  if config.model.get('conv_execution', 'auto') not in layers.CONV_EXECUTIONS:
     raise ConfigError(f'unknown model.conv_execution {config.model.conv_execution!r}; choose '
                       f'one of {layers.CONV_EXECUTIONS}.')
   if config.model.get('conv_kernel_grad', 'auto') not in ('auto', *layers.KERNEL_GRADS):
@@ -198,7 +198,7 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, rank_overri
       overrides[name] = r
   return models.build_model(m.name, num_classes=num_classes, rank=rank, overrides=overrides,
                             split=m.split, act=m.act,
-                            conv_execution=m.get('conv_execution', 'factored'),
+                            conv_execution=m.get('conv_execution', 'auto'),
                             im2col_positions=m.get('im2col_positions', layers.TINY_MAP),
                             conv_kernel_grad=m.get('conv_kernel_grad', 'auto'),
                             **m.kwargs.to_dict())

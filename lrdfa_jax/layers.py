@@ -38,7 +38,14 @@ _DN = ('NHWC', 'HWIO', 'NHWC')
 # Measured on this project's 2-core CPU, 3×3 conv forward + both gradients at batch 128:
 # 2×2×512 5.5 s -> 0.12 s, 4×4×512 0.61 -> 0.56 s (benchmarks/results/cpu_conv.md).
 TINY_MAP = 16
-CONV_EXECUTIONS = ('factored', 'kernel')  # SVDConv: two thin convs, or the rebuilt kernel
+# SVDConv: two thin convs, the rebuilt kernel, or per shape (:func:`pick_conv_execution`)
+CONV_EXECUTIONS = ('factored', 'kernel', 'auto')
+# ``execution='auto'`` rebuilds the kernel of a factored conv whose dense form has at
+# most this many channels in and out. Measured per shape (benchmarks/results/cpu_conv_layers*.md,
+# 2-core CPU, batch 128, forward + all gradients): the rebuilt kernel wins only on ResNets'
+# 32×32×16 -> 16 convs (0.53× the factored time at rank 7, 0.85× at 4, 0.92× at 2); it ties on
+# 16 -> 32 at stride 2 and loses by 1.09-3.3× on every conv with 32 or more input channels.
+KERNEL_MAX_CHANNELS = 16
 
 
 KERNEL_GRADS = ('xla', 'gemm')  # a conv's kernel gradient: XLA's, or kh·kw shifted GEMMs
@@ -288,7 +295,8 @@ class SVDConv(nn.Module):
   ``im2col_positions``, ``kernel_grad``: see :func:`conv_general_dilated`.
   ``execution``: ``'factored'`` runs the two thin convs; ``'kernel'`` rebuilds the dense
   kernel ``V diag(s) Uᵀ`` each call and runs one conv (more FLOPs, but XLA:CPU runs convs to
-  few channels slowly; the params and their gradients are the same up to float rounding).
+  few channels slowly; the params and their gradients are the same up to float rounding);
+  ``'auto'`` picks one of the two by the conv's shape (:func:`pick_conv_execution`).
   """
   features: int
   kernel_size: Sequence[int] = (3, 3)
@@ -310,6 +318,21 @@ class SVDConv(nn.Module):
                     im2col_positions=self.im2col_positions, kernel_grad=self.kernel_grad,
                     use_bias=self.use_bias, kernel_init=self.kernel_init,
                     bias_init=self.bias_init)
+
+
+def pick_conv_execution(kernel_shape: Sequence[int]) -> str:
+  """``'kernel'`` or ``'factored'``: how ``execution='auto'`` runs a factored conv.
+
+  ``kernel_shape`` is the dense ``(kh, kw, Cin, Cout)``. The rebuilt kernel for narrow convs
+  (``Cin, Cout <= KERNEL_MAX_CHANNELS``): the dense conv there does little arithmetic per byte,
+  so the factored form's second pass over the maps and its rank-r intermediate cost more than
+  the FLOPs it saves. The factored form everywhere else, and on accelerators, where the rule
+  is not measured.
+  """
+  if jax.default_backend() != 'cpu':
+    return 'factored'
+  _, _, cin, cout = kernel_shape
+  return 'kernel' if max(cin, cout) <= KERNEL_MAX_CHANNELS else 'factored'
 
 
 def svd_dense(module: nn.Module, x: Array, features: int, rank: Rank, *, use_bias: bool = True,
@@ -357,6 +380,8 @@ def svd_conv(module: nn.Module, x: Array, features: int, kernel_size: Sequence[i
   u, s_R, v, bias = _spectral_factors(module, init, features=features, use_bias=use_bias,
                                       bias_init=bias_init, param_dtype=param_dtype)
   sh, sw = strides
+  if execution == 'auto':
+    execution = pick_conv_execution(shape)
   if execution == 'kernel':
     y = _conv(x, rebuild_conv_kernel(u, s_R, v, kernel_size, split), strides, padding,
               im2col_positions, kernel_grad)

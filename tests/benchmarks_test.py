@@ -135,6 +135,29 @@ def test_conv_benchmark_compares_both_forms_and_marks_the_library_choice(tmp_pat
   assert 'give HxWxC maps' in capsys.readouterr().err
 
 
+def test_conv_layers_benchmark_times_each_factored_conv_shape_once(tmp_path, capsys):
+  from benchmarks import conv_layers
+  out = tmp_path / 'layers.json'
+  doc = conv_layers.main(['--models=resnet20', '--ranks=0.25', '--batch_size=2', '--steps=1',
+                          '--rounds=1', f'--out={out}'])
+  (m,) = doc['models']
+  shapes = m['shapes']
+  # ResNet-20: 18 factored 3×3 convs in 5 distinct shapes (two stride-2 entries to a stage)
+  assert sum(r['count'] for r in shapes) == 18 and len(shapes) == 5
+  assert [r['auto'] for r in shapes] == ['kernel'] + ['factored'] * 4  # only 16 -> 16 channels
+  for r in shapes:
+    assert r['factored_ms'] > 0 and r['kernel_ms'] > 0 and r['count'] == len(r['layers'])
+  t = m['total_ms']
+  assert np.isclose(t['factored'], sum(r['count'] * r['factored_ms'] for r in shapes))
+  assert t['best'] <= min(t['factored'], t['kernel'], t['auto']) + 1e-9
+  assert abs(m['param_fraction'] - 0.25) < 0.02
+  assert json.loads(out.read_text())['models'][0]['model'] == 'resnet20'
+  assert '| 32×32×16 | 16 | 1 |' in (tmp_path / 'layers.md').read_text()
+  with pytest.raises(SystemExit):
+    conv_layers.main(['--ranks=2'])
+  assert 'fraction of the dense parameters' in capsys.readouterr().err
+
+
 def test_peak_rss_of_real_runs_per_method(tmp_path):
   from benchmarks import rss
   out = tmp_path / 'rss.json'

@@ -194,6 +194,23 @@ def test_rebuilt_kernel_execution_has_the_factored_output_and_gradients(split, s
     layers.SVDConv(**kw, execution='fast').init(jax.random.key(1), x)
 
 
+@pytest.mark.parametrize('cin,features,picked', [(6, 8, 'kernel'), (16, 16, 'kernel'),
+                                                  (16, 32, 'factored'), (24, 8, 'factored')])
+def test_auto_execution_runs_what_the_shape_rule_picks(cin, features, picked):
+  assert layers.pick_conv_execution((3, 3, cin, features)) == picked
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, cin))
+  kw = dict(features=features, kernel_size=(3, 3), rank=3)
+  p = layers.SVDConv(**kw).init(jax.random.key(1), x)
+  n_convs = {}
+  for execution in ('auto', picked):
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p, e=execution: jnp.sum(
+        layers.SVDConv(**kw, execution=e).apply(p, x) ** 2)))(p)
+    n_convs[execution] = sum(e.primitive.name == 'conv_general_dilated' for e in _walk(jaxpr.eqns))
+  assert n_convs['auto'] == n_convs[picked]  # the same program as the execution it picked
+  y = {e: layers.SVDConv(**kw, execution=e).apply(p, x) for e in ('auto', 'factored')}
+  np.testing.assert_allclose(y['auto'], y['factored'], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('hw,kernel,strides,padding', [
     ((9, 9), (3, 3), (1, 1), 'SAME'), ((10, 7), (3, 1), (2, 1), ((1, 1), (0, 0))),
     ((8, 8), (1, 1), (1, 1), 'VALID'), ((11, 11), (3, 3), (2, 2), ((1, 0), (0, 1)))])
