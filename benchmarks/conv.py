@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.step import provenance, provenance_lines, save_json_and_markdown
+from benchmarks.step import print_and_save, provenance, provenance_lines
 from lrdfa_jax import layers
 
 DN = ('NHWC', 'HWIO', 'NHWC')
@@ -113,9 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   doc = {**provenance('benchmarks.conv', argv, load0), 'tiny_map': layers.TINY_MAP,
          'records': records}
   md = markdown(doc)
-  print(md)
-  if args.out:
-    save_json_and_markdown(args.out, doc, md)
+  print_and_save(args.out, doc, md)
   return doc
 
 

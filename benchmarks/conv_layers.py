@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.step import (load_config, provenance, provenance_lines, rank_for_fraction,
-                             save_json_and_markdown, with_fields)
+from benchmarks.step import (load_config, print_and_save, provenance, provenance_lines,
+                             rank_for_fraction, with_fields)
 from lrdfa_jax import build, layers
 
 EXECUTIONS = ('factored', 'kernel')
@@ -163,9 +163,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   doc = {**provenance('benchmarks.conv_layers', argv, load0), 'batch_size': args.batch_size,
          'models': models}
   md = markdown(doc)
-  print(md)
-  if args.out:
-    save_json_and_markdown(args.out, doc, md)
+  print_and_save(args.out, doc, md)
   return doc
 
 

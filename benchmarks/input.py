@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
   threads = [int(t) for t in a.threads.split(',')]
   from PIL import __version__ as pillow
 
-  from benchmarks.step import machine_info, save_json_and_markdown
+  from benchmarks.step import machine_info, print_and_save
   from tools import imagenet_fixture
   with tempfile.TemporaryDirectory() as tmp:
     root = a.data_dir or tmp
@@ -121,9 +121,7 @@ def main(argv=None) -> dict:
             'command': 'python -m benchmarks.input ' + ' '.join(sys.argv[1:] if argv is None
                                                                 else argv)}
   md = markdown(record)
-  print(md)
-  if a.out:
-    save_json_and_markdown(a.out, record, md)
+  print_and_save(a.out, record, md)
   return record
 
 

@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.step import machine_info, save_json_and_markdown
+from benchmarks.step import machine_info, print_and_save
 from lrdfa_jax import steps as steps_lib
 
 
@@ -90,9 +90,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
          'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
          'records': records}
   md = markdown(doc)
-  if args.out:
-    save_json_and_markdown(args.out, doc, md)
-  print(md)
+  print_and_save(args.out, doc, md)
   return doc
 
 

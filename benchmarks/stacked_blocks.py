@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.step import provenance, provenance_lines, save_json_and_markdown
+from benchmarks.step import print_and_save, provenance, provenance_lines
 from lrdfa_jax import models
 from lrdfa_jax.models.common import scoped
 
@@ -163,9 +163,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   doc = {**provenance('benchmarks.stacked_blocks', argv, load0),
          'conv_kernel_grad': args.conv_kernel_grad, 'records': records}
   md = markdown(doc)
-  print(md)
-  if args.out:
-    save_json_and_markdown(args.out, doc, md)
+  print_and_save(args.out, doc, md)
   return doc
 
 

@@ -196,6 +196,13 @@ def compiled_stats(compiled) -> dict[str, Any]:
   }
 
 
+def print_and_save(path: str | None, doc: Any, md: str) -> None:
+  """Prints ``md``; with a ``path``, also writes it and ``doc`` (:func:`save_json_and_markdown`)."""
+  print(md)
+  if path:
+    save_json_and_markdown(path, doc, md)
+
+
 def save_json_and_markdown(path: str, doc: Any, md: str) -> None:
   """Writes ``doc`` to the JSON ``path`` and ``md`` next to it (``.md``), creating the folder."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
