@@ -4,7 +4,8 @@ Command (writes ``OUT.json`` and ``OUT.md``)::
 
   python -m benchmarks.conv --out=benchmarks/results/cpu_conv.json
 
-For each ``HxWxC`` map (batch ``--batch_size``, a 3×3 stride-1 SAME conv from C to C channels)
+For each ``HxWxC`` map (batch ``--batch_size``, a 3×3 stride-1 SAME conv from C to C channels;
+``HxWxC:O`` for C to O channels, as in a factored conv's first, rank-r half)
 the forward and both gradients (input and kernel: one training step's conv work) are jitted
 in three forms: ``lax.conv_general_dilated``; the same with the kernel gradient as ``kh·kw``
 GEMMs (``layers.conv_general_dilated(kernel_grad='gemm')``); and the im2col form (forced with
@@ -49,10 +50,10 @@ def _step(form: str, positions: int):
   return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
-def measure(shape: tuple[int, int, int], batch_size: int, steps: int, rounds: int) -> dict:
-  h, w, c = shape
+def measure(shape: tuple[int, ...], batch_size: int, steps: int, rounds: int) -> dict:
+  h, w, c, o = shape
   x = jax.random.normal(jax.random.key(0), (batch_size, h, w, c))
-  k = jax.random.normal(jax.random.key(1), (3, 3, c, c)) / np.sqrt(9 * c)
+  k = jax.random.normal(jax.random.key(1), (3, 3, c, o)) / np.sqrt(9 * c)
   fns = {form: _step(form, h * w) for form in FORMS}
   for f in fns.values():
     jax.block_until_ready(f(x, k))  # compile and warm up
@@ -64,30 +65,31 @@ def measure(shape: tuple[int, int, int], batch_size: int, steps: int, rounds: in
         jax.block_until_ready(fns[name](x, k))
         times[name].append(time.perf_counter() - t)
   ms = {n: 1e3 * float(np.median(t)) for n, t in times.items()}
-  flops = 3 * 2 * batch_size * h * w * 9 * c * c  # forward, input and kernel gradient
-  return {'shape': [h, w, c], 'batch_size': batch_size,
+  flops = 3 * 2 * batch_size * h * w * 9 * c * o  # forward, input and kernel gradient
+  return {'shape': [h, w, c], 'features': o, 'batch_size': batch_size,
           **{f'{f}_ms': ms[f] for f in FORMS},
           **{f'{f}_over_lax': ms[f] / ms['lax'] for f in FORMS if f != 'lax'},
           **{f'{f}_gflops': flops / ms[f] / 1e6 for f in FORMS},
-          'library_form': 'im2col' if h * w <= layers.TINY_MAP else 'gemm'}
+          'library_form': ('im2col' if h * w <= layers.TINY_MAP
+                           else layers.pick_conv_form((3, 3, c, o), h * w))}
 
 
 def markdown(doc: dict) -> str:
   lines = provenance_lines(doc) + [
-           f'3×3 stride-1 SAME conv, C → C channels, batch {doc["records"][0]["batch_size"]}: '
+           f'3×3 stride-1 SAME conv, C → O channels, batch {doc["records"][0]["batch_size"]}: '
            'forward + input gradient + kernel gradient, median of interleaved calls. '
            f'The library runs a conv as im2col when its output has ≤ {doc["tiny_map"]} '
            'positions (`model.im2col_positions`, default `layers.TINY_MAP`).', '',
            'Forms: `lax` is XLA\'s conv with its own gradients; `gemm` the same conv and input '
-           'gradient with the kernel gradient as 9 shifted GEMMs (`model.conv_kernel_grad`, whose '
-           '`auto` default picks it on CPU); `im2col` one matmul on the stacked shifted maps. '
-           '"library picks": the default config\'s form on CPU.', '',
-           '| map | lax ms | gemm ms | im2col ms | gemm ÷ lax | im2col ÷ lax | lax GFLOP/s | '
+           'gradient with the kernel gradient as 9 shifted GEMMs (`model.conv_kernel_grad=gemm`); '
+           '`im2col` one matmul on the stacked shifted maps. "library picks": the default '
+           'config\'s form (`model.conv_kernel_grad=auto`, `layers.pick_conv_form`).', '',
+           '| map | out | lax ms | gemm ms | im2col ms | gemm ÷ lax | im2col ÷ lax | lax GFLOP/s | '
            'gemm GFLOP/s | im2col GFLOP/s | library picks |',
-           '|---|---|---|---|---|---|---|---|---|---|']
+           '|---|---|---|---|---|---|---|---|---|---|---|']
   for r in doc['records']:
     h, w, c = r['shape']
-    lines.append(f'| {h}×{w}×{c} | {r["lax_ms"]:.1f} | {r["gemm_ms"]:.1f} | '
+    lines.append(f'| {h}×{w}×{c} | {r.get("features", c)} | {r["lax_ms"]:.1f} | {r["gemm_ms"]:.1f} | '
                  f'{r["im2col_ms"]:.1f} | {r["gemm_over_lax"]:.2f} | '
                  f'{r["im2col_over_lax"]:.2f} | {r["lax_gflops"]:.1f} | '
                  f'{r["gemm_gflops"]:.1f} | {r["im2col_gflops"]:.1f} | {r["library_form"]} |')
@@ -96,18 +98,23 @@ def markdown(doc: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--shapes', default=SHAPES, help='comma-separated HxWxC maps')
+  p.add_argument('--shapes', default=SHAPES,
+                 help='comma-separated HxWxC maps (C -> C) or HxWxC:O (C -> O channels)')
   p.add_argument('--batch_size', type=int, default=128)
   p.add_argument('--steps', type=int, default=3)
   p.add_argument('--rounds', type=int, default=3)
   p.add_argument('--out', help='JSON path; the markdown goes next to it (.md)')
   args = p.parse_args(argv)
   try:
-    shapes = [tuple(int(d) for d in s.split('x')) for s in args.shapes.split(',')]
-    if any(len(s) != 3 or min(s) < 1 for s in shapes):
-      raise ValueError
+    shapes = []
+    for item in args.shapes.split(','):
+      hwc, _, o = item.partition(':')
+      dims = [int(d) for d in hwc.split('x')]
+      shapes.append((*dims, int(o) if o else dims[-1]))
+      if len(shapes[-1]) != 4 or min(shapes[-1]) < 1:
+        raise ValueError
   except ValueError:
-    p.error(f'--shapes={args.shapes!r}: give HxWxC maps, e.g. 2x2x512,8x8x256')
+    p.error(f'--shapes={args.shapes!r}: give HxWxC maps (or HxWxC:O), e.g. 2x2x512,8x8x64:16.')
   load0 = os.getloadavg()[0]
   records = [measure(s, args.batch_size, args.steps, args.rounds) for s in shapes]
   doc = {**provenance('benchmarks.conv', argv, load0), 'tiny_map': layers.TINY_MAP,

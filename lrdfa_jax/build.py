@@ -89,9 +89,9 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if config.model.get('conv_execution', 'auto') not in layers.CONV_EXECUTIONS:
     raise ConfigError(f'unknown model.conv_execution {config.model.conv_execution!r}; choose '
                       f'one of {layers.CONV_EXECUTIONS}.')
-  if config.model.get('conv_kernel_grad', 'auto') not in ('auto', *layers.KERNEL_GRADS):
+  if config.model.get('conv_kernel_grad', 'auto') not in layers.KERNEL_GRADS:
     raise ConfigError(f'unknown model.conv_kernel_grad {config.model.conv_kernel_grad!r}; '
-                      f'choose one of auto, {", ".join(layers.KERNEL_GRADS)}.')
+                      f'choose one of {", ".join(layers.KERNEL_GRADS)}.')
   if not int(config.model.get('im2col_positions', layers.TINY_MAP)) >= 0:
     raise ConfigError('model.im2col_positions must be >= 0 (0: never run a conv as im2col).')
   if config.train.get('xla_scheduler', 'auto') not in XLA_SCHEDULERS:

@@ -48,7 +48,16 @@ CONV_EXECUTIONS = ('factored', 'kernel', 'auto')
 KERNEL_MAX_CHANNELS = 16
 
 
-KERNEL_GRADS = ('xla', 'gemm')  # a conv's kernel gradient: XLA's, or kh·kw shifted GEMMs
+# A conv's kernel gradient: XLA's, kh·kw shifted GEMMs, or per shape (:func:`pick_conv_form`)
+KERNEL_GRADS = ('xla', 'gemm', 'auto')
+# ``kernel_grad='auto'`` on CPU (benchmarks/results/cpu_conv_forms.md, 2-core CPU, batch 128,
+# 3×3 conv forward + both gradients): a stem conv (Cin <= STEM_MAX_CHANNELS, Cout >= 32) runs
+# as im2col (0.57-0.65× XLA's conv; at Cout 16 it loses, 1.24×); a conv to fewer than
+# NARROW_CHANNELS channels on a map of <= SMALL_MAP output positions keeps XLA's kernel gradient
+# (the GEMMs take 1.10-1.45× its time on 8×8×64 -> 14, 25); every other conv takes the GEMMs.
+STEM_MAX_CHANNELS = 4
+NARROW_CHANNELS = 32
+SMALL_MAP = 64
 
 
 def _unit(x) -> bool:
@@ -107,12 +116,13 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
   float rounding; its gradients are those of slices and a matmul. The im2col form is taken for
   NHWC/HWIO 2-D convs without dilation or groups whose output has ≤ ``max_positions``
   positions (``model.im2col_positions``; 0 never); everything else goes to
-  ``lax.conv_general_dilated``. With ``kernel_grad='gemm'`` (``model.conv_kernel_grad``; its
-  ``auto`` default picks it on CPU) such a conv's kernel gradient is computed as ``kh·kw``
-  GEMMs (:func:`_kernel_grad_gemm`): on this project's CPU a 3×3 conv's forward + gradients
-  run 1.5–3.6× faster that way on maps of 16×16 and up (about as fast on 8×8),
-  and a step's temp memory grows 3–9 %
-  (benchmarks/results/cpu_conv.md, summary.md).
+  ``lax.conv_general_dilated``. With ``kernel_grad='gemm'`` (``model.conv_kernel_grad``)
+  such a conv's kernel gradient is computed as ``kh·kw`` GEMMs (:func:`_kernel_grad_gemm`):
+  on this project's CPU a 3×3 conv's forward + gradients run 1.5–3.6× faster that way on maps
+  of 16×16 and up (about as fast on 8×8), and a step's temp memory grows 3–9 %
+  (benchmarks/results/cpu_conv.md, summary.md). ``kernel_grad='auto'`` (the default of
+  ``model.conv_kernel_grad``) picks im2col, the GEMMs or XLA's per conv
+  (:func:`pick_conv_form`).
   """
   def plain():
     return lax.conv_general_dilated(
@@ -135,8 +145,13 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
   wo = (lhs.shape[2] + pl + pr - kw) // sw + 1
   if min(pt, pb, pl, pr) < 0:
     return plain()
-  if ho * wo > max_positions:
-    if kernel_grad == 'gemm' and precision is None and preferred_element_type is None:
+  form = 'im2col' if ho * wo <= max_positions else kernel_grad
+  if form == 'auto':
+    form = pick_conv_form(rhs.shape, ho * wo)
+    if form == 'im2col' and max_positions <= 0:  # im2col_positions=0: never im2col
+      form = 'gemm'
+  if form != 'im2col':
+    if form == 'gemm' and precision is None and preferred_element_type is None:
       return _conv_gemm_kernel_grad(lhs, rhs, (sh, sw), ((pt, pb), (pl, pr)))
     return plain()
   x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
@@ -144,6 +159,24 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
                           for i in range(kh) for j in range(kw)], axis=-1)
   return jnp.matmul(cols, rhs.reshape(kh * kw * cin, cout), precision=precision,
                     preferred_element_type=preferred_element_type)
+
+
+def pick_conv_form(kernel_shape: Sequence[int], positions: int) -> str:
+  """How ``kernel_grad='auto'`` runs a conv with more than ``max_positions`` output positions.
+
+  ``'im2col'`` (one matmul on the stacked shifted maps), ``'gemm'`` (XLA's conv and input
+  gradient, the kernel gradient as kh·kw GEMMs) or ``'xla'`` (XLA's conv and gradients).
+  On CPU, by the measured rule above :data:`STEM_MAX_CHANNELS`; on accelerators, where no
+  rule is measured, XLA's.
+  """
+  if jax.default_backend() != 'cpu':
+    return 'xla'
+  _, _, cin, cout = kernel_shape
+  if cin <= STEM_MAX_CHANNELS and cout >= NARROW_CHANNELS:
+    return 'im2col'
+  if positions <= SMALL_MAP and cout < NARROW_CHANNELS:
+    return 'xla'
+  return 'gemm'
 
 
 def resolve_rank(rank: Rank, full_rank: int, *, name: str = 'layer') -> int:

@@ -119,10 +119,10 @@ def test_profile_reads_instruction_names_from_hlo():
 def test_conv_benchmark_compares_both_forms_and_marks_the_library_choice(tmp_path, capsys):
   from benchmarks import conv
   out = tmp_path / 'conv.json'
-  doc = conv.main(['--shapes=2x2x8,8x8x4', '--batch_size=4', '--steps=1', '--rounds=2',
-                   f'--out={out}'])
-  small, large = doc['records']
-  assert (small['library_form'], large['library_form']) == ('im2col', 'gemm')
+  doc = conv.main(['--shapes=2x2x8,8x8x4,12x12x8:40,6x6x3:32', '--batch_size=4', '--steps=1',
+                   '--rounds=2', f'--out={out}'])
+  assert [r['library_form'] for r in doc['records']] == ['im2col', 'xla', 'gemm', 'im2col']
+  assert [r['features'] for r in doc['records']] == [8, 4, 40, 32]
   for r in doc['records']:
     assert r['lax_ms'] > 0 and r['im2col_ms'] > 0 and r['gemm_ms'] > 0
     assert np.isclose(r['im2col_over_lax'], r['im2col_ms'] / r['lax_ms'])

@@ -239,6 +239,36 @@ def test_gemm_kernel_gradient_equals_xlas(hw, kernel, strides, padding):
   assert not kernel_convs
 
 
+@pytest.mark.parametrize('hw,cin,cout,form', [
+    ((6, 6), 3, 32, 'im2col'),  # a stem: few input channels, many output channels
+    ((8, 8), 8, 4, 'xla'),      # narrow output on a small map
+    ((9, 9), 8, 4, 'gemm'),     # the same on a map of more than SMALL_MAP positions
+    ((6, 6), 8, 40, 'gemm')])
+def test_auto_kernel_gradient_picks_a_form_per_shape_with_the_same_gradients(hw, cin, cout,
+                                                                               form):
+  assert layers.pick_conv_form((3, 3, cin, cout), hw[0] * hw[1]) == form
+  x = jax.random.normal(jax.random.key(0), (2, *hw, cin))
+  k = jax.random.normal(jax.random.key(1), (3, 3, cin, cout))
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  auto = lambda x, k: layers.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=dn,
+                                                  kernel_grad='auto')
+  want = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=dn)
+  grads = [jax.grad(lambda x, k, f=f: jnp.sum(jnp.sin(f(x, k))), (0, 1))(x, k)
+           for f in (auto, want)]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  fwd_convs = sum(e.primitive.name == 'conv_general_dilated'
+                  for e in _walk(jax.make_jaxpr(auto)(x, k).eqns))
+  bwd = jax.make_jaxpr(jax.grad(lambda k: jnp.sum(auto(x, k))))(k)
+  kernel_convs = sum(e.primitive.name == 'conv_general_dilated'
+                     and e.outvars[0].aval.shape == k.shape for e in _walk(bwd.eqns))
+  assert (fwd_convs, kernel_convs) == {'im2col': (0, 0), 'gemm': (1, 0), 'xla': (1, 1)}[form]
+  # im2col_positions=0 (never im2col) keeps a stem on the GEMM path
+  never = jax.make_jaxpr(lambda x, k: layers.conv_general_dilated(
+      x, k, (1, 1), 'SAME', dimension_numbers=dn, max_positions=0, kernel_grad='auto'))(x, k)
+  assert sum(e.primitive.name == 'conv_general_dilated' for e in _walk(never.eqns)) == 1
+
+
 def test_models_take_the_kernel_gradient_option():
   from lrdfa_jax import models
   with pytest.raises(ValueError, match='unknown conv kernel gradient'):

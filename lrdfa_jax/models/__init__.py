@@ -79,8 +79,8 @@ def build_model(name: str, *, num_classes: int, rank: layers.Rank | None = None,
   ``conv_execution``: how factored convs run (:class:`lrdfa_jax.layers.SVDConv`);
   ``im2col_positions``: convs with at most this many output positions run as im2col + matmul
   (:func:`lrdfa_jax.layers.conv_general_dilated`), dense and factored alike;
-  ``conv_kernel_grad``: ``'xla'``, ``'gemm'`` or ``'auto'``: gemm on CPU, XLA's on accelerators
-  (:func:`lrdfa_jax.layers.conv_general_dilated`).
+  ``conv_kernel_grad``: ``'xla'``, ``'gemm'`` or ``'auto'``: per conv shape on CPU (im2col,
+  GEMMs or XLA's; :func:`lrdfa_jax.layers.pick_conv_form`), XLA's on accelerators.
   """
   if name not in MODELS:
     raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}.')
@@ -92,11 +92,9 @@ def build_model(name: str, *, num_classes: int, rank: layers.Rank | None = None,
     raise ValueError(f'model {name!r} takes no argument(s) {sorted(unknown)}; it takes '
                      f'{sorted(set(fields) - {"parent", "name", "conv", "dense", "act"})}.')
   dense = layer_factory(layers.SVDDense, nn.Dense, rank, overrides)
-  if conv_kernel_grad == 'auto':
-    conv_kernel_grad = 'gemm' if jax.default_backend() == 'cpu' else 'xla'
   if conv_kernel_grad not in layers.KERNEL_GRADS:
     raise ValueError(f'unknown conv kernel gradient {conv_kernel_grad!r}; choose one of '
-                     f"{layers.KERNEL_GRADS} or 'auto'.")
+                     f'{layers.KERNEL_GRADS}.')
   dense_conv = functools.partial(nn.Conv, conv_general_dilated=functools.partial(
       layers.conv_general_dilated, max_positions=im2col_positions,
       kernel_grad=conv_kernel_grad))
