@@ -33,7 +33,7 @@ DN = ('NHWC', 'HWIO', 'NHWC')
 SHAPES = '2x2x512,4x4x512,8x8x256,16x16x128,32x32x64,32x32x16'
 
 
-FORMS = ('lax', 'gemm', 'im2col')
+FORMS = ('lax', 'gemm', 'im2col', 'im2col_gemm')
 
 
 def _step(form: str, positions: int):
@@ -43,6 +43,9 @@ def _step(form: str, positions: int):
     elif form == 'gemm':  # XLA's conv and input gradient, the kernel gradient as GEMMs
       y = layers.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=DN,
                                       max_positions=0, kernel_grad='gemm')
+    elif form == 'im2col_gemm':  # the im2col forward, GEMM kernel gradient, XLA's input gradient
+      y = layers.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=DN,
+                                      max_positions=0, kernel_grad='im2col_gemm')
     else:  # the im2col form, forced for this map
       y = layers.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=DN,
                                       max_positions=positions)
@@ -59,7 +62,7 @@ def measure(shape: tuple[int, ...], batch_size: int, steps: int, rounds: int) ->
     jax.block_until_ready(f(x, k))  # compile and warm up
   times = {name: [] for name in fns}
   for r in range(rounds):
-    for name in (list(fns)[r % 3:] + list(fns)[:r % 3]):  # the first form rotates
+    for name in (list(fns)[r % len(FORMS):] + list(fns)[:r % len(FORMS)]):  # the first rotates
       for _ in range(steps):
         t = time.perf_counter()
         jax.block_until_ready(fns[name](x, k))
@@ -82,17 +85,21 @@ def markdown(doc: dict) -> str:
            'positions (`model.im2col_positions`, default `layers.TINY_MAP`).', '',
            'Forms: `lax` is XLA\'s conv with its own gradients; `gemm` the same conv and input '
            'gradient with the kernel gradient as 9 shifted GEMMs (`model.conv_kernel_grad=gemm`); '
-           '`im2col` one matmul on the stacked shifted maps. "library picks": the default '
-           'config\'s form (`model.conv_kernel_grad=auto`, `layers.pick_conv_form`).', '',
-           '| map | out | lax ms | gemm ms | im2col ms | gemm ÷ lax | im2col ÷ lax | lax GFLOP/s | '
-           'gemm GFLOP/s | im2col GFLOP/s | library picks |',
-           '|---|---|---|---|---|---|---|---|---|---|---|']
+           '`im2col` one matmul on the stacked shifted maps, its gradients those of the matmul; '
+           '`im2col_gemm` the im2col forward with the GEMM kernel gradient and XLA\'s input '
+           'gradient, keeping only the input for the backward (the stems\' form). "library '
+           'picks": the default config\'s form (`model.conv_kernel_grad=auto`, '
+           '`layers.pick_conv_form`).', '',
+           '| map | out | ' + ' | '.join(f'{f} ms' for f in FORMS) + ' | '
+           + ' | '.join(f'{f} ÷ lax' for f in FORMS[1:]) + ' | '
+           + ' | '.join(f'{f} GFLOP/s' for f in FORMS) + ' | library picks |',
+           '|---|---|' + '---|' * (3 * len(FORMS)) + '---|']
   for r in doc['records']:
     h, w, c = r['shape']
-    lines.append(f'| {h}×{w}×{c} | {r.get("features", c)} | {r["lax_ms"]:.1f} | {r["gemm_ms"]:.1f} | '
-                 f'{r["im2col_ms"]:.1f} | {r["gemm_over_lax"]:.2f} | '
-                 f'{r["im2col_over_lax"]:.2f} | {r["lax_gflops"]:.1f} | '
-                 f'{r["gemm_gflops"]:.1f} | {r["im2col_gflops"]:.1f} | {r["library_form"]} |')
+    lines.append(f'| {h}×{w}×{c} | {r.get("features", c)} | '
+                 + ' | '.join(f'{r[f + "_ms"]:.1f}' for f in FORMS) + ' | '
+                 + ' | '.join(f'{r[f + "_over_lax"]:.2f}' for f in FORMS[1:]) + ' | '
+                 + ' | '.join(f'{r[f + "_gflops"]:.1f}' for f in FORMS) + f' | {r["library_form"]} |')
   return '\n'.join(lines) + '\n'
 
 

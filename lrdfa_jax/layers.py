@@ -51,10 +51,12 @@ KERNEL_MAX_CHANNELS = 16
 # A conv's kernel gradient: XLA's, kh·kw shifted GEMMs, or per shape (:func:`pick_conv_form`)
 KERNEL_GRADS = ('xla', 'gemm', 'auto')
 # ``kernel_grad='auto'`` on CPU (benchmarks/results/cpu_conv_forms.md, 2-core CPU, batch 128,
-# 3×3 conv forward + both gradients): a stem conv (Cin <= STEM_MAX_CHANNELS, Cout >= 32) runs
-# as im2col (0.57-0.65× XLA's conv; at Cout 16 it loses, 1.24×); a conv to fewer than
-# NARROW_CHANNELS channels on a map of <= SMALL_MAP output positions keeps XLA's kernel gradient
-# (the GEMMs take 1.10-1.45× its time on 8×8×64 -> 14, 25); every other conv takes the GEMMs.
+# 3×3 conv forward + both gradients against XLA's): a stem conv (Cin <= STEM_MAX_CHANNELS,
+# Cout >= NARROW_CHANNELS) runs its forward as im2col and its kernel gradient as GEMMs, keeping
+# only its input for the backward (0.62× on 32×32×3 -> 32; SmallConv's bp and ssa steps take
+# 0.89× and 0.83× their all-GEMM times, with no more temp memory); a conv to fewer than NARROW_CHANNELS channels on a map of <=
+# SMALL_MAP output positions keeps XLA's kernel gradient (the GEMMs take 1.07-1.50× its time on
+# 8×8×64 -> 14, 25); every other conv takes the GEMMs (0.46-0.95× XLA's on most shapes).
 STEM_MAX_CHANNELS = 4
 NARROW_CHANNELS = 32
 SMALL_MAP = 64
@@ -85,16 +87,33 @@ def _kernel_grad_gemm(x: Array, dy: Array, kernel_shape, strides, pads) -> Array
   return grads.reshape(kh, kw, cin, cout)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_gemm_kernel_grad(x: Array, kernel: Array, strides, pads) -> Array:
+def _im2col_conv(x: Array, kernel: Array, strides, pads, precision=None,
+                 preferred_element_type=None) -> Array:
+  """A NHWC/HWIO conv as one matmul on the ``kh·kw`` shifted maps stacked along channels."""
+  kh, kw, cin, cout = kernel.shape
+  (sh, sw), ((pt, pb), (pl, pr)) = strides, pads
+  ho = (x.shape[1] + pt + pb - kh) // sh + 1
+  wo = (x.shape[2] + pl + pr - kw) // sw + 1
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  cols = jnp.concatenate([xp[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
+                          for i in range(kh) for j in range(kw)], axis=-1)
+  return jnp.matmul(cols, kernel.reshape(kh * kw * cin, cout), precision=precision,
+                    preferred_element_type=preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_gemm_kernel_grad(x: Array, kernel: Array, strides, pads,
+                           im2col_forward: bool = False) -> Array:
+  if im2col_forward:  # the columns die after the matmul: the backward keeps only x
+    return _im2col_conv(x, kernel, strides, pads)
   return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN)
 
 
-def _conv_gemm_fwd(x, kernel, strides, pads):
-  return _conv_gemm_kernel_grad(x, kernel, strides, pads), (x, kernel)
+def _conv_gemm_fwd(x, kernel, strides, pads, im2col_forward):
+  return _conv_gemm_kernel_grad(x, kernel, strides, pads, im2col_forward), (x, kernel)
 
 
-def _conv_gemm_bwd(strides, pads, res, dy):
+def _conv_gemm_bwd(strides, pads, im2col_forward, res, dy):
   x, kernel = res
   input_transpose = jax.linear_transpose(  # the conv is linear in x: no forward recompute
       lambda x: lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DN), x)
@@ -145,27 +164,26 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
   wo = (lhs.shape[2] + pl + pr - kw) // sw + 1
   if min(pt, pb, pl, pr) < 0:
     return plain()
+  pads = ((pt, pb), (pl, pr))
   form = 'im2col' if ho * wo <= max_positions else kernel_grad
   if form == 'auto':
     form = pick_conv_form(rhs.shape, ho * wo)
-    if form == 'im2col' and max_positions <= 0:  # im2col_positions=0: never im2col
+    if form == 'im2col_gemm' and max_positions <= 0:  # im2col_positions=0: never im2col
       form = 'gemm'
-  if form != 'im2col':
-    if form == 'gemm' and precision is None and preferred_element_type is None:
-      return _conv_gemm_kernel_grad(lhs, rhs, (sh, sw), ((pt, pb), (pl, pr)))
-    return plain()
-  x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  cols = jnp.concatenate([x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
-                          for i in range(kh) for j in range(kw)], axis=-1)
-  return jnp.matmul(cols, rhs.reshape(kh * kw * cin, cout), precision=precision,
-                    preferred_element_type=preferred_element_type)
+  if form == 'im2col':
+    return _im2col_conv(lhs, rhs, (sh, sw), pads, precision, preferred_element_type)
+  if form in ('gemm', 'im2col_gemm') and precision is None and preferred_element_type is None:
+    return _conv_gemm_kernel_grad(lhs, rhs, (sh, sw), pads, form == 'im2col_gemm')
+  return plain()
 
 
 def pick_conv_form(kernel_shape: Sequence[int], positions: int) -> str:
   """How ``kernel_grad='auto'`` runs a conv with more than ``max_positions`` output positions.
 
-  ``'im2col'`` (one matmul on the stacked shifted maps), ``'gemm'`` (XLA's conv and input
-  gradient, the kernel gradient as kh·kw GEMMs) or ``'xla'`` (XLA's conv and gradients).
+  ``'im2col_gemm'`` (the forward as one matmul on the stacked shifted maps, the kernel
+  gradient as kh·kw GEMMs, XLA's input gradient; the columns are not kept for the backward),
+  ``'gemm'`` (XLA's conv and input gradient, the GEMM kernel gradient) or ``'xla'`` (XLA's
+  conv and gradients).
   On CPU, by the measured rule above :data:`STEM_MAX_CHANNELS`; on accelerators, where no
   rule is measured, XLA's.
   """
@@ -173,7 +191,7 @@ def pick_conv_form(kernel_shape: Sequence[int], positions: int) -> str:
     return 'xla'
   _, _, cin, cout = kernel_shape
   if cin <= STEM_MAX_CHANNELS and cout >= NARROW_CHANNELS:
-    return 'im2col'
+    return 'im2col_gemm'
   if positions <= SMALL_MAP and cout < NARROW_CHANNELS:
     return 'xla'
   return 'gemm'

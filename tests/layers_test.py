@@ -240,7 +240,7 @@ def test_gemm_kernel_gradient_equals_xlas(hw, kernel, strides, padding):
 
 
 @pytest.mark.parametrize('hw,cin,cout,form', [
-    ((6, 6), 3, 32, 'im2col'),  # a stem: few input channels, many output channels
+    ((6, 6), 3, 32, 'im2col_gemm'),  # a stem: few input channels, many output channels
     ((8, 8), 8, 4, 'xla'),      # narrow output on a small map
     ((9, 9), 8, 4, 'gemm'),     # the same on a map of more than SMALL_MAP positions
     ((6, 6), 8, 40, 'gemm')])
@@ -262,11 +262,26 @@ def test_auto_kernel_gradient_picks_a_form_per_shape_with_the_same_gradients(hw,
   bwd = jax.make_jaxpr(jax.grad(lambda k: jnp.sum(auto(x, k))))(k)
   kernel_convs = sum(e.primitive.name == 'conv_general_dilated'
                      and e.outvars[0].aval.shape == k.shape for e in _walk(bwd.eqns))
-  assert (fwd_convs, kernel_convs) == {'im2col': (0, 0), 'gemm': (1, 0), 'xla': (1, 1)}[form]
+  assert (fwd_convs, kernel_convs) == {'im2col_gemm': (0, 0), 'gemm': (1, 0),
+                                       'xla': (1, 1)}[form]
   # im2col_positions=0 (never im2col) keeps a stem on the GEMM path
   never = jax.make_jaxpr(lambda x, k: layers.conv_general_dilated(
       x, k, (1, 1), 'SAME', dimension_numbers=dn, max_positions=0, kernel_grad='auto'))(x, k)
   assert sum(e.primitive.name == 'conv_general_dilated' for e in _walk(never.eqns)) == 1
+
+
+def test_a_stem_keeps_its_input_not_its_columns_for_the_backward():
+  x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 3, 32))
+  dn = ('NHWC', 'HWIO', 'NHWC')
+
+  def temp_bytes(**kw):
+    f = lambda x, k: jnp.sum(jnp.tanh(layers.conv_general_dilated(
+        x, k, (1, 1), 'SAME', dimension_numbers=dn, **kw)) ** 2)
+    return jax.jit(jax.grad(f, 1)).lower(x, k).compile().memory_analysis().temp_size_in_bytes
+  cols = 8 * 32 * 32 * 27 * 4
+  stem, im2col = temp_bytes(kernel_grad='auto'), temp_bytes(max_positions=32 * 32)
+  assert stem < im2col - cols // 2, (stem, im2col)
 
 
 def test_models_take_the_kernel_gradient_option():
