@@ -7,9 +7,10 @@ Command (writes ``OUT.json`` and ``OUT.md``)::
 For each ``HxWxC`` map (batch ``--batch_size``, a 3×3 stride-1 SAME conv from C to C channels;
 ``HxWxC:O`` for C to O channels, as in a factored conv's first, rank-r half)
 the forward and both gradients (input and kernel: one training step's conv work) are jitted
-in three forms: ``lax.conv_general_dilated``; the same with the kernel gradient as ``kh·kw``
-GEMMs (``layers.conv_general_dilated(kernel_grad='gemm')``); and the im2col form (forced with
-``max_positions``). They run interleaved,
+in four forms: ``lax.conv_general_dilated``; the same with the kernel gradient as ``kh·kw``
+GEMMs (``layers.conv_general_dilated(kernel_grad='gemm')``); the im2col form (forced with
+``max_positions``); and im2col's forward with the GEMM kernel gradient (``'im2col_gemm'``, the
+form of a stem under ``kernel_grad='auto'``). They run interleaved,
 ``--rounds`` × ``--steps`` calls each after a warm-up, and the median times are compared in the
 same process. ``model.im2col_positions`` (default ``layers.TINY_MAP``) sends a conv to im2col
 when its output has at most that many positions; the table marks the default's pick per shape.
@@ -17,6 +18,7 @@ when its output has at most that many positions; the table marks the default's p
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -93,7 +95,7 @@ def markdown(doc: dict) -> str:
            '| map | out | ' + ' | '.join(f'{f} ms' for f in FORMS) + ' | '
            + ' | '.join(f'{f} ÷ lax' for f in FORMS[1:]) + ' | '
            + ' | '.join(f'{f} GFLOP/s' for f in FORMS) + ' | library picks |',
-           '|---|---|' + '---|' * (3 * len(FORMS)) + '---|']
+           '|---|---|' + '---|' * (3 * len(FORMS) - 1) + '---|']
   for r in doc['records']:
     h, w, c = r['shape']
     lines.append(f'| {h}×{w}×{c} | {r.get("features", c)} | '
@@ -111,7 +113,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument('--steps', type=int, default=3)
   p.add_argument('--rounds', type=int, default=3)
   p.add_argument('--out', help='JSON path; the markdown goes next to it (.md)')
+  p.add_argument('--render', help='a JSON this script wrote: rewrite its .md, measure nothing')
   args = p.parse_args(argv)
+  if args.render:
+    with open(args.render) as f:
+      doc = json.load(f)
+    print_and_save(args.render, doc, markdown(doc))
+    return doc
   try:
     shapes = []
     for item in args.shapes.split(','):

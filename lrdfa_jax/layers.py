@@ -48,7 +48,8 @@ CONV_EXECUTIONS = ('factored', 'kernel', 'auto')
 KERNEL_MAX_CHANNELS = 16
 
 
-# A conv's kernel gradient: XLA's, kh·kw shifted GEMMs, or per shape (:func:`pick_conv_form`)
+# A conv's kernel gradient: XLA's, kh·kw shifted GEMMs, or per shape (:func:`pick_conv_form`);
+# conv_general_dilated also takes 'im2col_gemm' (what 'auto' picks for a stem)
 KERNEL_GRADS = ('xla', 'gemm', 'auto')
 # ``kernel_grad='auto'`` on CPU (benchmarks/results/cpu_conv_forms.md, 2-core CPU, batch 128,
 # 3×3 conv forward + both gradients against XLA's): a stem conv (Cin <= STEM_MAX_CHANNELS,
@@ -56,7 +57,8 @@ KERNEL_GRADS = ('xla', 'gemm', 'auto')
 # only its input for the backward (0.62× on 32×32×3 -> 32; SmallConv's bp and ssa steps take
 # 0.89× and 0.83× their all-GEMM times, with no more temp memory); a conv to fewer than NARROW_CHANNELS channels on a map of <=
 # SMALL_MAP output positions keeps XLA's kernel gradient (the GEMMs take 1.07-1.50× its time on
-# 8×8×64 -> 14, 25); every other conv takes the GEMMs (0.46-0.95× XLA's on most shapes).
+# 8×8×64 -> 14, 25); every other conv takes the GEMMs (0.46-0.95× XLA's on most shapes; they
+# lose on a few, e.g. 1.17× on 16×16×32 -> 7).
 STEM_MAX_CHANNELS = 4
 NARROW_CHANNELS = 32
 SMALL_MAP = 64
@@ -165,6 +167,8 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
   if min(pt, pb, pl, pr) < 0:
     return plain()
   pads = ((pt, pb), (pl, pr))
+  if kernel_grad not in (*KERNEL_GRADS, 'im2col_gemm'):
+    raise ValueError(f'unknown kernel_grad {kernel_grad!r}; choose one of {KERNEL_GRADS}.')
   form = 'im2col' if ho * wo <= max_positions else kernel_grad
   if form == 'auto':
     form = pick_conv_form(rhs.shape, ho * wo)

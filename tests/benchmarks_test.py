@@ -130,6 +130,11 @@ def test_conv_benchmark_compares_both_forms_and_marks_the_library_choice(tmp_pat
   assert json.loads(out.read_text())['records'][0]['shape'] == [2, 2, 8]
   md = (tmp_path / 'conv.md').read_text()
   assert '| 2×2×8 |' in md and 'im2col |' in md and 'benchmarks.conv --shapes=2x2x8' in md
+  table = [line for line in md.splitlines() if line.startswith('|')]
+  assert len({line.count('|') for line in table}) == 1  # header, separator and rows agree
+  (tmp_path / 'conv.md').unlink()
+  conv.main([f'--render={out}'])
+  assert (tmp_path / 'conv.md').read_text() == md
   with pytest.raises(SystemExit):
     conv.main(['--shapes=2x2'])
   assert 'give HxWxC maps' in capsys.readouterr().err

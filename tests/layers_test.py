@@ -264,6 +264,8 @@ def test_auto_kernel_gradient_picks_a_form_per_shape_with_the_same_gradients(hw,
                      and e.outvars[0].aval.shape == k.shape for e in _walk(bwd.eqns))
   assert (fwd_convs, kernel_convs) == {'im2col_gemm': (0, 0), 'gemm': (1, 0),
                                        'xla': (1, 1)}[form]
+  with pytest.raises(ValueError, match='unknown kernel_grad'):
+    layers.conv_general_dilated(x, k, (1, 1), 'SAME', dimension_numbers=dn, kernel_grad='fast')
   # im2col_positions=0 (never im2col) keeps a stem on the GEMM path
   never = jax.make_jaxpr(lambda x, k: layers.conv_general_dilated(
       x, k, (1, 1), 'SAME', dimension_numbers=dn, max_positions=0, kernel_grad='auto'))(x, k)
@@ -302,7 +304,7 @@ def test_models_take_the_kernel_gradient_option():
 
 
 def test_a_local_step_on_the_gemm_path_runs_no_backward_conv_between_blocks():
-  """On the CPU default (GEMM kernel gradients), a DFA/SSA step's compiled HLO holds the
+  """On the GEMM kernel gradients (the CPU default for most convs), a DFA/SSA step's compiled HLO holds the
   forward's convolutions, plus, per factored conv, the one that carries the cotangent from
   its 1×1 ``U`` to its rank-r ``V`` conv inside the layer: kernel gradients are matmuls and no
   input gradient crosses a cut block. Backprop adds the input-gradient convs of the blocks
