@@ -55,9 +55,9 @@ KERNEL_GRADS = ('xla', 'gemm', 'auto')
 # 3×3 conv forward + both gradients against XLA's): a stem conv (Cin <= STEM_MAX_CHANNELS,
 # Cout >= NARROW_CHANNELS) runs its forward as im2col and its kernel gradient as GEMMs, keeping
 # only its input for the backward (0.62× on 32×32×3 -> 32; SmallConv's bp and ssa steps take
-# 0.89× and 0.83× their all-GEMM times, with no more temp memory); a conv to fewer than NARROW_CHANNELS channels on a map of <=
-# SMALL_MAP output positions keeps XLA's kernel gradient (the GEMMs take 1.07-1.50× its time on
-# 8×8×64 -> 14, 25); every other conv takes the GEMMs (0.46-0.95× XLA's on most shapes; they
+# 0.89× and 0.83× their all-GEMM times, with no more temp memory); a conv to fewer than
+# NARROW_CHANNELS channels on a map of <= SMALL_MAP output positions keeps XLA's kernel
+# gradient (the GEMMs take 1.07-1.50× its time on 8×8×64 -> 14, 25); every other conv takes the GEMMs (0.46-0.95× XLA's on most shapes; they
 # lose on a few, e.g. 1.17× on 16×16×32 -> 7).
 STEM_MAX_CHANNELS = 4
 NARROW_CHANNELS = 32
