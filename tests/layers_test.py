@@ -272,6 +272,17 @@ def test_auto_kernel_gradient_picks_a_form_per_shape_with_the_same_gradients(hw,
   assert sum(e.primitive.name == 'conv_general_dilated' for e in _walk(never.eqns)) == 1
 
 
+def test_pick_conv_form_boundaries():
+  pick = layers.pick_conv_form
+  stem, narrow = layers.STEM_MAX_CHANNELS, layers.NARROW_CHANNELS
+  assert pick((3, 3, stem, narrow), 1024) == 'im2col_gemm'
+  assert pick((3, 3, stem + 1, narrow), 1024) == 'gemm'       # not a stem
+  assert pick((3, 3, stem, narrow - 1), 1024) == 'gemm'       # a stem to few channels
+  assert pick((3, 3, 64, narrow - 1), layers.SMALL_MAP) == 'xla'
+  assert pick((3, 3, 64, narrow), layers.SMALL_MAP) == 'gemm'
+  assert pick((3, 3, 64, narrow - 1), layers.SMALL_MAP + 1) == 'gemm'
+
+
 def test_a_stem_keeps_its_input_not_its_columns_for_the_backward():
   x = jax.random.normal(jax.random.key(0), (8, 32, 32, 3))
   k = jax.random.normal(jax.random.key(1), (3, 3, 3, 32))
