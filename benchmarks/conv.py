@@ -75,8 +75,7 @@ def measure(shape: tuple[int, ...], batch_size: int, steps: int, rounds: int) ->
           **{f'{f}_ms': ms[f] for f in FORMS},
           **{f'{f}_over_lax': ms[f] / ms['lax'] for f in FORMS if f != 'lax'},
           **{f'{f}_gflops': flops / ms[f] / 1e6 for f in FORMS},
-          'library_form': ('im2col' if h * w <= layers.TINY_MAP
-                           else layers.pick_conv_form((3, 3, c, o), h * w))}
+          'library_form': layers.conv_form((3, 3, c, o), h * w)}
 
 
 def markdown(doc: dict) -> str:

@@ -19,7 +19,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   #                           conv) | auto (kernel for convs of <= 16 channels on CPU, else factored)
   m.im2col_positions = 16    # convs with <= this many output positions run as im2col + matmul
   m.conv_kernel_grad = 'auto'  # conv kernel gradient: xla | gemm (kh·kw GEMMs) | auto (per conv
-  #                           on CPU: im2col for stems, XLA's for narrow 8×8 convs, else gemm)
+  #                           on CPU: stems' forward as im2col, narrow 8×8 convs XLA's, else gemm)
   m.act = 'tanh'             # relu | tanh | gelu | silu | leaky_relu (tanh trains better under DFA)
   m.kwargs = ml_collections.ConfigDict()  # extra constructor args, e.g. widths=(8, 16, 32);
   #                           small_conv: norm='batch' (BN after each conv, the LLS SmallConv)

@@ -167,18 +167,27 @@ def conv_general_dilated(lhs: Array, rhs: Array, window_strides: Sequence[int], 
   if min(pt, pb, pl, pr) < 0:
     return plain()
   pads = ((pt, pb), (pl, pr))
-  if kernel_grad not in (*KERNEL_GRADS, 'im2col_gemm'):
-    raise ValueError(f'unknown kernel_grad {kernel_grad!r}; choose one of {KERNEL_GRADS}.')
-  form = 'im2col' if ho * wo <= max_positions else kernel_grad
-  if form == 'auto':
-    form = pick_conv_form(rhs.shape, ho * wo)
-    if form == 'im2col_gemm' and max_positions <= 0:  # im2col_positions=0: never im2col
-      form = 'gemm'
+  form = conv_form(rhs.shape, ho * wo, max_positions, kernel_grad)
   if form == 'im2col':
     return _im2col_conv(lhs, rhs, (sh, sw), pads, precision, preferred_element_type)
   if form in ('gemm', 'im2col_gemm') and precision is None and preferred_element_type is None:
     return _conv_gemm_kernel_grad(lhs, rhs, (sh, sw), pads, form == 'im2col_gemm')
   return plain()
+
+
+def conv_form(kernel_shape: Sequence[int], positions: int, max_positions: int = TINY_MAP,
+              kernel_grad: str = 'auto') -> str:
+  """The form :func:`conv_general_dilated` runs an NHWC/HWIO conv in: ``'im2col'`` on maps of
+  at most ``max_positions`` output positions, else ``kernel_grad``, with ``'auto'`` resolved
+  by :func:`pick_conv_form` (never to im2col when ``max_positions`` is 0)."""
+  if kernel_grad not in (*KERNEL_GRADS, 'im2col_gemm'):
+    raise ValueError(f'unknown kernel_grad {kernel_grad!r}; choose one of {KERNEL_GRADS}.')
+  if positions <= max_positions:
+    return 'im2col'
+  if kernel_grad != 'auto':
+    return kernel_grad
+  form = pick_conv_form(kernel_shape, positions)
+  return 'gemm' if form == 'im2col_gemm' and max_positions <= 0 else form
 
 
 def pick_conv_form(kernel_shape: Sequence[int], positions: int) -> str:
