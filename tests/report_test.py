@@ -131,7 +131,7 @@ def test_protocol_variants_share_one_pipeline():
       if section == 'model' and name.endswith('_bn'):  # the BN + LeakyReLU SmallConv
         assert c['model']['kwargs'] == {'norm': 'batch'} and c['model']['act'] == 'leaky_relu'
         continue
-      if section == 'model' and ('_r8' in name or '_reduce' in name):  # the rank study
+      if section == 'model' and ('_r8' in name or '_r2' in name or '_reduce' in name):  # ranks
         assert {k: v for k, v in c['model'].items() if k != 'rank'} == \
             {k: v for k, v in base['model'].items() if k != 'rank'}
         assert c['model']['rank'] == (0.125 if '_r8' in name else 0.5)
@@ -169,6 +169,12 @@ def test_protocol_variants_share_one_pipeline():
                                       'feedback_lr': 1e-3, 'feedback_lr_decay': 1.0}
   assert r20['model'] == card['model'] and r20['data'] == card['data'] and r20['opt'] == card['opt']
   assert r20['train'] == card['train'] | {'seed': 1, 'epochs': 10, 'progress_bar': False}
+  half = protocol.config_for('ssa_local_pred_k2_stages_overlap_r2', 0, 10, model='resnet32')
+  k2 = protocol.config_for('ssa_local_pred_k2_stages_overlap', 0, 10, model='resnet32')
+  assert half.model.rank == 0.5 and k2.model.rank == card['model']['rank'] == 0.25
+  assert half.model.overrides == k2.model.overrides and half.dfa == k2.dfa  # rank only
+  assert protocol.chosen_lr('results/cifar10_resnet20/tuning.json',
+                            'ssa_local_pred_k2_stages_overlap_r2') == 1e-2  # the base's rate
   with pytest.raises(ValueError,
                      match="sets model.act, model.kwargs of SmallConv.*'ssa_local_pred'"):
     protocol.config_for('ssa_local_pred_bn', 0, 10, model='resnet20')
