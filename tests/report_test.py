@@ -117,7 +117,7 @@ def test_variant_labels():
   assert report.variant(s) == 'bp'
 
 
-def test_protocol_variants_share_one_pipeline():
+def test_protocol_variants_share_one_pipeline(tmp_path):
   from experiments import variants as protocol
   base = protocol.config_for('bp', 0, 10).to_dict()
   for name in protocol.VARIANTS:
@@ -173,8 +173,11 @@ def test_protocol_variants_share_one_pipeline():
   k2 = protocol.config_for('ssa_local_pred_k2_stages_overlap', 0, 10, model='resnet32')
   assert half.model.rank == 0.5 and k2.model.rank == card['model']['rank'] == 0.25
   assert half.model.overrides == k2.model.overrides and half.dfa == k2.dfa  # rank only
-  assert protocol.chosen_lr('results/cifar10_resnet20/tuning.json',
-                            'ssa_local_pred_k2_stages_overlap_r2') == 1e-2  # the base's rate
+  tuning = tmp_path / 'tuning.json'  # the rank-1/2 variants take their base's tuned rate
+  tuning.write_text(json.dumps({'best': {'ssa_local_pred_k2_stages_overlap': {'lr': 3e-3},
+                                         'svd_bp': {'lr': 6e-3}}}))
+  assert protocol.chosen_lr(str(tuning), 'ssa_local_pred_k2_stages_overlap_r2') == 3e-3
+  assert protocol.chosen_lr(str(tuning), 'svd_bp_r2') == 6e-3
   with pytest.raises(ValueError,
                      match="sets model.act, model.kwargs of SmallConv.*'ssa_local_pred'"):
     protocol.config_for('ssa_local_pred_bn', 0, 10, model='resnet20')
