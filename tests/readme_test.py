@@ -21,3 +21,12 @@ def test_readme_snippet_runs_and_updates_every_layer():
   moved = jax.tree.map(lambda a, b: not np.allclose(a, b), params0, ns['params'])
   assert all(jax.tree.leaves(moved['conv2'])) and all(jax.tree.leaves(moved['head']))
   assert 'kernel' in params0['conv1'] and 'u' in params0['conv2']  # as configs/cifar10.py
+
+
+def test_readme_zoo_table_is_the_committed_results_table():
+  """The README's zoo table is ``python -m experiments.zoo_table``'s, on the committed results."""
+  from experiments import zoo_table
+  columns = [(h, os.path.join(ROOT, folder), m, d) for h, folder, m, d in zoo_table.COLUMNS]
+  table = zoo_table.tables(columns).split('\n\n')[0]
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    assert table in f.read(), 'rerun python -m experiments.zoo_table and paste its first table'

@@ -342,3 +342,40 @@ def test_train_curves_are_per_epoch_means_at_the_epochs_last_step():
   assert report.train_curves([{'step': 3, 'test/accuracy': 1.0}], 4.0) == {}
   assert report.by_step(recs + [{'step': 1, 'train/loss': 9.0}], 'train/loss') == {
       1: 9.0, 2: 2.0, 4: 1.0, 6: 0.5}
+
+
+def test_zoo_table_cells_come_from_matching_summaries(tmp_path):
+  from experiments import zoo_table
+  from experiments.variants import config_for
+
+  def summary(v, model, dataset, seed, acc, epochs=10, lr=None):
+    c = config_for(v, seed, epochs, dataset, model)
+    c.opt.lr = lr or c.opt.lr
+    return {'model': model, 'dataset': dataset, 'method': c.dfa.method, 'seed': seed,
+            'epochs': float(epochs), 'final_test_accuracy': acc, 'machine': 'test host',
+            'config': c.to_dict()}
+
+  r20, vgg = tmp_path / 'r20', tmp_path / 'vgg'
+  runs = {r20: [summary('bp', 'resnet20', 'cifar10', 0, 80.0),
+                summary('bp', 'resnet20', 'cifar10', 1, 82.0),
+                summary('bp', 'resnet20', 'cifar10', 2, 99.0, epochs=30),  # another protocol
+                summary('svd_bp_r2', 'resnet20', 'cifar10', 0, 77.5, lr=3e-3),
+                summary('ssa', 'resnet20', 'cifar100', 0, 11.0)],  # another dataset
+          vgg: [summary('dfa', 'vgg13', 'cifar10', 0, 60.25)]}
+  for folder, summaries in runs.items():
+    folder.mkdir()
+    for i, s in enumerate(summaries):
+      (folder / f'{i}.json').write_text(json.dumps(s))
+  columns = (('R20', str(r20), 'resnet20', 'cifar10'), ('VGG', str(vgg), 'vgg13', 'cifar10'))
+  md = zoo_table.tables(columns)
+  acc, rates = md.split('Learning rates')
+  row = {l.split('`')[1]: [c.strip() for c in l.split('|')[2:-1]]
+         for l in acc.splitlines() if l.startswith('| `')}
+  assert row['bp'] == ['81.00 ± 1.41 (2 seeds)', 'not run']
+  assert row['svd_bp_r2'] == ['77.50', 'not run']
+  assert row['svd_bp'] == ['not run', 'not run']  # the rank-1/2 run is not the rank-1/4 row
+  assert row['ssa'] == ['not run', 'not run']
+  assert row['dfa'] == ['not run', '60.25']
+  assert row['ssa_local_pred_k2_stages_overlap'] == ['not run', '—']  # per-stage: ResNets only
+  assert '| `svd_bp_r2` | 0.003 |  |' in rates
+  assert 'Machine: test host' in md
