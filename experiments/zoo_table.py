@@ -7,8 +7,9 @@ A cell is the final test accuracy (mean ± sample std when several seeds ran), `
 no summary of that variant is there, and ``—`` when the variant does not apply to the net (the
 per-stage modules need a ResNet). A summary belongs to a row when its label
 (:func:`experiments.report.variant`) is the one the row's variant gets on that net, so a run at
-another rank or with other modules never lands in the wrong row. A second table gives the rates
-the cells ran at.
+another rank or with other modules never lands in the wrong row. A cell holds one rate's runs,
+one per seed (a rerun at another rate is refused until one of them leaves the folder). A second
+table gives the rates the cells ran at.
 """
 from __future__ import annotations
 
@@ -41,8 +42,6 @@ ROWS = {
     'dfa': 'dense, global signal',
     'ssa': 'the paper\'s method, global signal',
 }
-_OUT = flags.DEFINE_string('out', 'results/zoo.md', 'Where to write the tables.')
-_EPOCHS = flags.DEFINE_float('epochs', 10, 'Only runs of this many epochs enter a cell.')
 
 
 def row_label(variant: str, model: str, dataset: str) -> str | None:
@@ -64,6 +63,13 @@ def cells(results: list[dict], model: str, dataset: str, epochs: float) -> dict[
   for v in ROWS:
     label = row_label(v, model, dataset)
     out[v] = None if label is None else by_label.get(label, [])
+    lrs = {s['config']['opt']['lr'] for s in out[v] or ()}
+    seeds = [s['seed'] for s in out[v] or ()]
+    if len(lrs) > 1 or len(set(seeds)) < len(seeds):  # one cell, one rate, each seed once
+      raise app.UsageError(
+          f'{model} / {dataset} has {len(seeds)} runs of {v} at rates '
+          f'{", ".join(f"{lr:g}" for lr in sorted(lrs))} (seeds {seeds}): keep one rate\'s '
+          'runs, one per seed, in its results folder.')
   return out
 
 
@@ -72,7 +78,7 @@ def accuracy_cell(runs: list | None) -> str:
     return '—'
   if not runs:
     return 'not run'
-  accs = np.array([s['final_test_accuracy'] for s in runs])
+  accs = np.array([s['final_test_accuracy'] for s in runs])  # one per seed (:func:`cells`)
   if len(accs) == 1:
     return f'{accs[0]:.2f}'
   return f'{accs.mean():.2f} ± {accs.std(ddof=1):.2f} ({len(accs)} seeds)'
@@ -106,12 +112,18 @@ def tables(columns=COLUMNS, epochs: float = 10) -> str:
 
 def main(argv):
   del argv
-  md = tables(epochs=_EPOCHS.value)
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
-  with open(_OUT.value, 'w') as f:
+  for _, folder, *_ in COLUMNS:
+    if not os.path.isdir(folder):
+      print(f'{folder}: no such folder (run from the repo root), its column reads "not run"')
+  out = flags.FLAGS.out
+  md = tables(epochs=flags.FLAGS.epochs)
+  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+  with open(out, 'w') as f:
     f.write(md)
   print(md)
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # flags defined here: experiments.tune and .protocol own these names
+  flags.DEFINE_string('out', 'results/zoo.md', 'Where to write the tables.')
+  flags.DEFINE_float('epochs', 10, 'Only runs of this many epochs enter a cell.')
   report.run_cli(main)
