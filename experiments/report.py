@@ -160,6 +160,13 @@ def md_cell(text: str) -> str:
   return text.replace('\\', '\\\\').replace('*', r'\*').replace('|', r'\|')
 
 
+def wall_time(runs: list[dict]) -> str:
+  """The runs' mean wall time in s, as ``≥ t`` when one of them counts only from a resume
+  (its time before was not logged: ``wall_time_since_step``)."""
+  partial = any(s.get('wall_time_since_step') for s in runs)
+  return ('≥ ' if partial else '') + f'{np.mean([s["wall_time_s"] for s in runs]):.0f}'
+
+
 def table(results: list[dict]) -> str:
   """Markdown: one row per variant, mean ± std (sample std) of the final test accuracy."""
   groups = collections.defaultdict(list)
@@ -177,7 +184,7 @@ def table(results: list[dict]) -> str:
     size = f'{sizes[0]:,}' + (f'–{sizes[-1]:,}' if len(sizes) > 1 else '')
     rows.append(f'| {md_cell(v)} | {len(accs)} | {accs.mean():.2f}{std} | {size} | '
                 f'{", ".join(f"{lr:g}" for lr in lrs)} | {g[0]["epochs"]:g} | '
-                f'{np.mean([s["wall_time_s"] for s in g]):.0f} |')
+                f'{wall_time(g)} |')
   machines = sorted({s['machine'] for s in results})
   return '\n'.join(rows) + f'\n\nMachine: {"; ".join(machines)}\n'
 

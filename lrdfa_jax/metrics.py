@@ -71,11 +71,13 @@ def log_train(writer, step, metrics, state, *, dt, lr, batch_size, epoch) -> flo
 
 def run_summary(config, *, method: str, step: int, steps_per_epoch: int, test: dict,
                 validation: dict, params: Any, reductions: list[dict], wall_time_s: float,
-                aligned, changes: dict | None) -> dict:
+                aligned, changes: dict | None, wall_time_since_step: int | None = None) -> dict:
   """The ``summary.json`` of a run: final accuracies, params, wall time, machine and config.
 
   ``reductions``: the run's rank reductions (:mod:`lrdfa_jax.rank`); ``aligned``: the blocks
   subspace alignment reaches; ``changes``: a resume's config changes (``{'step', 'changes'}``).
+  ``wall_time_s`` sums every invocation of the run; ``wall_time_since_step``: the step from
+  which it counts when the time before a resume is unknown (a checkpoint from an older version).
   """
   return {
       'model': config.model.name, 'dataset': config.data.name, 'source': config.data.source,
@@ -89,6 +91,7 @@ def run_summary(config, *, method: str, step: int, steps_per_epoch: int, test: d
       **({'initial_trainable_params': reductions[0]['params_before'],
           'rank_reductions': reductions} if reductions else {}),
       'wall_time_s': wall_time_s, 'machine': machine(),
+      **({'wall_time_since_step': wall_time_since_step} if wall_time_since_step else {}),
       'subspace_align_blocks': aligned,
       'config': json.loads(config.to_json_best_effort()),
       **({'config_changes': changes} if changes else {}),

@@ -27,7 +27,7 @@ class MetricWriter:
   def __init__(self, workdir: str | None, resume_step: int | None = None, write: bool = True):
     self.path = None
     self._tb = None
-    self._kept: dict[int, set[str]] = {}
+    self._kept: dict[int, dict[str, Any]] = {}
     if workdir is None:
       return
     path = os.path.join(workdir, 'metrics.jsonl')
@@ -37,7 +37,7 @@ class MetricWriter:
         write_jsonl(path, records)
       for r in records:
         if r['step'] == resume_step:
-          self._kept.setdefault(r['step'], set()).update(r)
+          self._kept.setdefault(r['step'], {}).update(r)
     if not write:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -49,6 +49,10 @@ class MetricWriter:
   def logged(self, step: int, prefix: str) -> bool:
     """Whether a record kept from before the resume has a key starting with ``prefix``."""
     return any(k.startswith(prefix) for k in self._kept.get(step, ()))
+
+  def kept_value(self, step: int, key: str) -> Any:
+    """``key``'s value in a record kept from before the resume at ``step`` (None if none)."""
+    return self._kept.get(step, {}).get(key)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if self.path is None:

@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import re
+import time
 
 import jax
 import ml_collections
@@ -226,7 +227,9 @@ def test_end_to_end_checkpoint_resume_and_interruption(tmp_path):
   part = train.train_and_evaluate(tiny_config(train__stop_after_steps=5), b)
   assert part['step'] == 5
   assert train.restore_checkpoint(tiny_config(), b).step == 5
+  t0 = time.time()
   rest = train.train_and_evaluate(tiny_config(), b)
+  resumed_for = time.time() - t0
   assert rest['step'] == 16
   assert min(s for s in _read_steps(b) if s > 5) > 5 and max(_read_steps(b)) == 16
 
@@ -234,12 +237,31 @@ def test_end_to_end_checkpoint_resume_and_interruption(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, (sa.params, sa.opt_state, sa.feedback),
                (sb.params, sb.opt_state, sb.feedback))
   assert rest['final_test_accuracy'] == full['final_test_accuracy']
+  # the wall time goes on from the checkpoint's: it counts both invocations
+  assert rest['wall_time_s'] > resumed_for and 'wall_time_since_step' not in rest
+  assert rest['wall_time_s'] > part['wall_time_s']
 
   # a second call on a finished run restores the identical state and trains no more
   again = train.train_and_evaluate(tiny_config(), a)
   assert again['step'] == 16
   s2 = train.restore_checkpoint(tiny_config(), a)
   jax.tree.map(np.testing.assert_array_equal, (sa.params, sa.opt_state), (s2.params, s2.opt_state))
+
+
+def test_wall_time_before_an_unlogged_resume_is_marked_unknown(tmp_path):
+  """A checkpoint whose wall time was not logged (an older version's): the summary's time
+  counts from the resume, and says from which step."""
+  from lrdfa_jax.writers import read_jsonl, write_jsonl
+  d = str(tmp_path / 'run')
+  train.train_and_evaluate(tiny_config(train__stop_after_steps=5), d)
+  path = os.path.join(d, 'metrics.jsonl')
+  recs = read_jsonl(path)
+  assert [r['step'] for r in recs if 'wall_time_s' in r] == [5]
+  write_jsonl(path, [{k: v for k, v in r.items() if k != 'wall_time_s'} for r in recs])
+  rest = train.train_and_evaluate(tiny_config(), d)
+  assert rest['step'] == 16 and rest['wall_time_since_step'] == 5
+  from experiments import report
+  assert report.wall_time([rest]).startswith('≥ ')
 
 
 def test_imagenet_config_on_real_jpegs_resumes_mid_epoch(tmp_path, imagenet_jpegs):
