@@ -61,7 +61,8 @@ def orthogonality(u_MxR: Array, v_NxR: Array) -> Array:
 def orthogonality_one(x_MxR: Array) -> Array:
   """``‖XᵀX − I‖²_F / r²`` for one factor."""
   r = x_MxR.shape[-1]
-  gram = x_MxR.T @ x_MxR
+  x = jnp.asarray(x_MxR)  # a NumPy float64 factor: JAX's dtype, no float64 eye
+  gram = x.T @ x
   return jnp.sum((gram - jnp.eye(r, dtype=gram.dtype))**2) / r**2
 
 
