@@ -425,6 +425,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   # the run's wall time goes on from the checkpoint's (logged with it); a checkpoint written
   # before this was logged leaves the time before the resume unknown
   before = writer.kept_value(resumed_at, 'wall_time_s') if resumed_at else 0.0
+  since_step = None if before is not None else resumed_at
+  before = before or 0.0
   end_step = run.total_steps if not tc.stop_after_steps else min(run.total_steps,
                                                                   tc.stop_after_steps)
   bar = tqdm(total=end_step, initial=loop.step, desc=f'{config.model.name}/{run.step_cfg.method}',
@@ -443,7 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       if mngr is not None and ((not into and epoch % tc.checkpoint_every_epochs == 0)
                                or loop.step == end_step):
         loop.checkpoint()
-        writer.write(loop.step, {'wall_time_s': (before or 0.0) + time.time() - t_start})
+        writer.write(loop.step, {'wall_time_s': before + time.time() - t_start})
     for split in reversed(evaluated):  # e.g. a rerun of a finished run
       if split not in loop.results:
         loop.evaluate(split, log=False)
@@ -458,8 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
       config, method=run.step_cfg.method, step=loop.step, steps_per_epoch=steps_per_epoch,
       test=loop.results.get('test', {}), validation=loop.results.get('validation', {}),
       params=loop.state.params, reductions=loop.reductions,
-      wall_time_s=(before or 0.0) + time.time() - t_start,
-      wall_time_since_step=None if before is not None else resumed_at,
+      wall_time_s=before + time.time() - t_start, wall_time_since_step=since_step,
       aligned=run.aligned,
       changes={'step': resumed_at, 'changes': changes} if changes else None)
   if workdir is not None and primary:

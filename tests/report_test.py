@@ -379,6 +379,7 @@ def test_zoo_table_cells_come_from_matching_summaries(tmp_path):
   assert row['ssa_local_pred_k2_stages_overlap'] == ['not run', '—']  # per-stage: ResNets only
   assert '| `svd_bp_r2` | 0.003 |  |' in rates
   assert 'Machine: test host' in md
-  (r20 / 'again.json').write_text(json.dumps(summary('svd_bp_r2', 'resnet20', 'cifar10', 0, 78.0, lr=1e-2)))
+  again = summary('svd_bp_r2', 'resnet20', 'cifar10', 0, 78.0, lr=1e-2)
+  (r20 / 'again.json').write_text(json.dumps(again))
   with pytest.raises(app.UsageError, match='runs of svd_bp_r2 at rates 0.003, 0.01'):
     zoo_table.tables(columns)  # the same seed at another rate: not a second seed
