@@ -146,12 +146,16 @@ VARIANTS['ssa_local_pred_k2_stages_overlap'] = ({**VARIANTS['ssa_local_pred_stag
 HALF_RANK = 0.5
 for _v in ('ssa_local_pred_k2_stages_overlap', 'svd_bp'):
   VARIANTS[f'{_v}_r2'] = ({**VARIANTS[_v][0], 'model.rank': HALF_RANK}, False)
+# ... with dense layers (dfa, no factors): the rule's cost without the rank's (issue 17)
+VARIANTS['dfa_local_pred_k2_stages_overlap'] = (
+    {**VARIANTS['ssa_local_pred_k2_stages_overlap'][0], 'dfa.method': 'dfa'}, False)
 # variants whose fields name blocks of some models only -> those models (and the advice for others)
 _STAGES = (('resnet20', 'resnet32', 'resnet56'),
            "one module per ResNet stage; on small_conv: 'ssa_local_pred_k2_bn'")
 ONLY_ON = {'ssa_local_pred_stages': _STAGES, 'ssa_local_pred_stages_overlap': _STAGES,
            'ssa_local_pred_k2_stages_overlap': _STAGES,
-           'ssa_local_pred_k2_stages_overlap_r2': _STAGES}
+           'ssa_local_pred_k2_stages_overlap_r2': _STAGES,
+           'dfa_local_pred_k2_stages_overlap': _STAGES}
 # an ablation's learning rate is its base variant's tuned one
 BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': 'svd_bp',
         'ssa_local_pred_wide_bn': 'ssa_local_pred_bn', 'ssa_local_mlp_bn': 'ssa_local_pred_bn',
@@ -165,6 +169,7 @@ BASE = {'ssa_noalign': 'ssa', 'ssa_noorth': 'ssa', 'bp_bn': 'bp', 'svd_bp_bn': '
         'ssa_local_pred_k2_stages_overlap': 'ssa_local_pred_stages',
         'ssa_local_pred_k2_stages_overlap_r2': 'ssa_local_pred_k2_stages_overlap',
         'svd_bp_r2': 'svd_bp',
+        'dfa_local_pred_k2_stages_overlap': 'ssa_local_pred_k2_stages_overlap',
         'ssa_channel_noalign': 'ssa_channel', 'ssa_channel_noorth': 'ssa_channel',
         **{f'{m}_{v}': m for m in ('ssa', 'svd_bp') for v in ('r8', 'reduce', 'reduce_hoyer', 'reduce_h01')}}
 

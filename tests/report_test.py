@@ -173,11 +173,15 @@ def test_protocol_variants_share_one_pipeline(tmp_path):
   k2 = protocol.config_for('ssa_local_pred_k2_stages_overlap', 0, 10, model='resnet32')
   assert half.model.rank == 0.5 and k2.model.rank == card['model']['rank'] == 0.25
   assert half.model.overrides == k2.model.overrides and half.dfa == k2.dfa  # rank only
+  dense = protocol.config_for('dfa_local_pred_k2_stages_overlap', 0, 10, model='resnet32')
+  assert dense.dfa.method == 'dfa' and dense.model == k2.model  # the method only: dense layers
+  assert dense.dfa.to_dict() | {'method': 'ssa'} == k2.dfa.to_dict()
   tuning = tmp_path / 'tuning.json'  # the rank-1/2 variants take their base's tuned rate
   tuning.write_text(json.dumps({'best': {'ssa_local_pred_k2_stages_overlap': {'lr': 3e-3},
                                          'svd_bp': {'lr': 6e-3}}}))
   assert protocol.chosen_lr(str(tuning), 'ssa_local_pred_k2_stages_overlap_r2') == 3e-3
   assert protocol.chosen_lr(str(tuning), 'svd_bp_r2') == 6e-3
+  assert protocol.chosen_lr(str(tuning), 'dfa_local_pred_k2_stages_overlap') == 3e-3
   with pytest.raises(ValueError,
                      match="sets model.act, model.kwargs of SmallConv.*'ssa_local_pred'"):
     protocol.config_for('ssa_local_pred_bn', 0, 10, model='resnet20')
