@@ -9,7 +9,7 @@ per-stage modules need a ResNet). A summary belongs to a row when its label
 (:func:`experiments.report.variant`) is the one the row's variant gets on that net, so a run at
 another rank or with other modules never lands in the wrong row. A cell holds one rate's runs,
 one per seed (a rerun at another rate is refused until one of them leaves the folder). A second
-table gives the rates the cells ran at.
+table gives the rates the cells ran at; runs that no row takes are listed after it.
 """
 from __future__ import annotations
 
@@ -54,8 +54,10 @@ def row_label(variant: str, model: str, dataset: str) -> str | None:
   return report.variant({'method': c.dfa.method, 'config': c.to_dict()})
 
 
-def cells(results: list[dict], model: str, dataset: str, epochs: float) -> dict[str, list]:
-  """Row variant -> the summaries of it on this net (``None`` when it does not apply)."""
+def cells(results: list[dict], model: str, dataset: str,
+          epochs: float) -> tuple[dict[str, list], list[dict]]:
+  """Row variant -> the summaries of it on this net (``None`` when it does not apply), and
+  this net's summaries that no row takes (a variant without a row: listed, never dropped)."""
   by_label = collections.defaultdict(list)
   for s in results:
     if s['model'] == model and s['dataset'] == dataset and s['epochs'] == epochs:
@@ -71,7 +73,9 @@ def cells(results: list[dict], model: str, dataset: str, epochs: float) -> dict[
           f'{model} / {dataset} has {len(seeds)} runs of {v} at rates '
           f'{", ".join(f"{lr:g}" for lr in sorted(lrs))} (seeds {seeds}): keep one rate\'s '
           'runs, one per seed, in its results folder.')
-  return out
+  shown = {id(s) for runs in out.values() for s in runs or ()}
+  others = [s for runs in by_label.values() for s in runs if id(s) not in shown]
+  return out, others
 
 
 def accuracy_cell(runs: list | None) -> str:
@@ -93,11 +97,13 @@ def rate_cell(runs: list | None) -> str:
 
 def tables(columns=COLUMNS, epochs: float = 10) -> str:
   """Markdown: the accuracy table, then the rate table and the machines the runs ran on."""
-  grid, machines = {}, set()
+  grid, machines, others = {}, set(), []
   for header, folder, model, dataset in columns:
     results = report.load_results(folder) if os.path.isdir(folder) else []
-    grid[header] = cells(results, model, dataset, epochs)
+    grid[header], rest = cells(results, model, dataset, epochs)
     machines |= {s['machine'] for runs in grid[header].values() for s in runs or ()}
+    others += [f'- {header}: {s.get("variant") or report.variant(s)}, seed {s["seed"]}, lr '
+               f'{s["config"]["opt"]["lr"]:g}: {s["final_test_accuracy"]:.2f}' for s in rest]
   head = '| method | ' + ' | '.join(h for h, *_ in columns) + ' |'
   rule = '|---' * (len(columns) + 1) + '|'
   acc = [head, rule]
@@ -108,7 +114,9 @@ def tables(columns=COLUMNS, epochs: float = 10) -> str:
     lrs.append(f'| `{v}` | ' + ' | '.join(rate_cell(grid[h][v]) for h, *_ in columns) + ' |')
   return ('\n'.join(acc) + f'\n\nFinal test accuracy (%) after {epochs:g} epochs; `—`: the '
           'variant does not apply to the net.\n\nLearning rates of the cells:\n\n'
-          + '\n'.join(lrs) + f'\n\nMachine: {"; ".join(sorted(machines)) or "none"}\n')
+          + '\n'.join(lrs) + f'\n\nMachine: {"; ".join(sorted(machines)) or "none"}\n'
+          + ('\nRuns of these nets that no row shows (variants without a row in '
+             'experiments/zoo_table.py):\n\n' + '\n'.join(others) + '\n' if others else ''))
 
 
 def main(argv):

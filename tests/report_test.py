@@ -364,7 +364,8 @@ def test_zoo_table_cells_come_from_matching_summaries(tmp_path):
                 summary('bp', 'resnet20', 'cifar10', 1, 82.0),
                 summary('bp', 'resnet20', 'cifar10', 2, 99.0, epochs=30),  # another protocol
                 summary('svd_bp_r2', 'resnet20', 'cifar10', 0, 77.5, lr=3e-3),
-                summary('ssa', 'resnet20', 'cifar100', 0, 11.0)],  # another dataset
+                summary('ssa', 'resnet20', 'cifar100', 0, 11.0),  # another dataset
+                summary('ssa_local_pred', 'resnet20', 'cifar10', 0, 44.5)],  # no row
           vgg: [summary('dfa', 'vgg13', 'cifar10', 0, 60.25)]}
   for folder, summaries in runs.items():
     folder.mkdir()
@@ -383,6 +384,8 @@ def test_zoo_table_cells_come_from_matching_summaries(tmp_path):
   assert row['ssa_local_pred_k2_stages_overlap'] == ['not run', '—']  # per-stage: ResNets only
   assert '| `svd_bp_r2` | 0.003 |  |' in rates
   assert 'Machine: test host' in md
+  others = md.split('no row shows')[1].strip().splitlines()[2:]
+  assert others == ['- R20: ssa + local error + learned readout, seed 0, lr 0.001: 44.50']
   again = summary('svd_bp_r2', 'resnet20', 'cifar10', 0, 78.0, lr=1e-2)
   (r20 / 'again.json').write_text(json.dumps(again))
   with pytest.raises(app.UsageError, match='runs of svd_bp_r2 at rates 0.003, 0.01'):
