@@ -9,7 +9,8 @@ per-stage modules need a ResNet). A summary belongs to a row when its label
 (:func:`experiments.report.variant`) is the one the row's variant gets on that net, so a run at
 another rank or with other modules never lands in the wrong row. A cell holds one rate's runs,
 one per seed (a rerun at another rate is refused until one of them leaves the folder). A second
-table gives the rates the cells ran at; runs that no row takes are listed after it.
+table gives the rates the cells ran at; runs of a column's net, dataset and epochs that no row
+takes are listed after it (runs of other epochs or datasets in its folder are not).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ ROWS = {
     'ssa_local_pred_k2_stages_overlap': 'two modules, one learned readout at stage 2\'s end, '
                                         'LoCo\'s overlap at the cut; rank 1/4',
     'ssa_local_pred_k2_stages_overlap_r2': 'the same at rank 1/2',
+    'dfa_local_pred_k2_stages_overlap': 'the two-module rule on dense layers, no factors',
     'ssa_local_pred_stages': 'one module per stage',
     'ssa_local_pred_stages_overlap': 'one module per stage, with overlap',
     'dfa': 'dense, global signal',
@@ -57,7 +59,7 @@ def row_label(variant: str, model: str, dataset: str) -> str | None:
 def cells(results: list[dict], model: str, dataset: str,
           epochs: float) -> tuple[dict[str, list], list[dict]]:
   """Row variant -> the summaries of it on this net (``None`` when it does not apply), and
-  this net's summaries that no row takes (a variant without a row: listed, never dropped)."""
+  the summaries of this net, dataset and epochs that no row takes (a variant without a row)."""
   by_label = collections.defaultdict(list)
   for s in results:
     if s['model'] == model and s['dataset'] == dataset and s['epochs'] == epochs:
