@@ -53,7 +53,7 @@ def collect(folders: list[str], epochs: float | None, tail: float) -> list[dict[
     for s in report.load_results(folder):
       if not layers_of(s) or (epochs is not None and abs(s['epochs'] - epochs) > 1e-6):
         continue
-      rows.append({'variant': s.get('variant') or report.variant(s), 'seed': s['seed'],
+      rows.append({'variant': report.summary_label(s), 'seed': s['seed'],
                    'lr': s['config']['opt']['lr'], 'epochs': s['epochs'],
                    'accuracy': s['final_test_accuracy'], 'angles': run_angles(s, tail)})
   return rows

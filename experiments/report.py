@@ -144,6 +144,11 @@ def export_run(run_dir: str, out_dir: str) -> str:
   return path
 
 
+def summary_label(summary: dict) -> str:
+  """The summary's recorded label (exported runs carry it), else :func:`variant` of it."""
+  return summary.get('variant') or variant(summary)
+
+
 def load_results(folder: str) -> list[dict]:
   out = []
   for p in sorted(glob.glob(os.path.join(folder, '*.json'))):
@@ -171,7 +176,7 @@ def table(results: list[dict]) -> str:
   """Markdown: one row per variant, mean ± std (sample std) of the final test accuracy."""
   groups = collections.defaultdict(list)
   for s in results:
-    groups[s.get('variant') or variant(s)].append(s)
+    groups[summary_label(s)].append(s)
   rows = ['| variant | seeds | final test accuracy (%) | trainable params | lr | epochs | '
           'wall time / run (s) |', '|---|---|---|---|---|---|---|']
   order = sorted(groups, key=lambda v: -np.mean([s['final_test_accuracy'] for s in groups[v]]))
@@ -202,7 +207,7 @@ def plot(results: list[dict], folder: str) -> list[str]:
     pts = np.array(c.get('test/accuracy', []))
     if not len(pts):
       continue
-    v = s.get('variant') or variant(s)
+    v = summary_label(s)
     line, = ax.plot(pts[:, 0] / c['steps_per_epoch'], pts[:, 1], marker='o', ms=3,
                     ls='--' if 'channel-broadcast' in v else '-',
                     color=colors.get(v), label=None if v in colors else v)
@@ -216,7 +221,7 @@ def plot(results: list[dict], folder: str) -> list[str]:
   if local:
     shown = {}
     for s in local:
-      shown.setdefault(s.get('variant') or variant(s), s)  # first seed of each variant
+      shown.setdefault(summary_label(s), s)  # first seed of each variant
     cols = min(4, len(shown))
     rows = -(-len(shown) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False)
@@ -237,8 +242,8 @@ def plot(results: list[dict], folder: str) -> list[str]:
      len({s['method'] for s in results}):  # a method at several sizes: accuracy vs params
     fig, ax = plt.subplots(figsize=(8.5, 4))
     colors = {}
-    for s in sorted(results, key=lambda s: s.get('variant') or variant(s)):
-      v = s.get('variant') or variant(s)
+    for s in sorted(results, key=summary_label):
+      v = summary_label(s)
       x, y = s['trainable_params'], s['final_test_accuracy']
       pts = ax.plot([x], [y], marker='o', ls='', color=colors.get(v),
                     label=None if v in colors else v)

@@ -63,7 +63,7 @@ def cells(results: list[dict], model: str, dataset: str,
   by_label = collections.defaultdict(list)
   for s in results:
     if s['model'] == model and s['dataset'] == dataset and s['epochs'] == epochs:
-      by_label[s.get('variant') or report.variant(s)].append(s)
+      by_label[report.summary_label(s)].append(s)
   out = {}
   for v in ROWS:
     label = row_label(v, model, dataset)
@@ -104,7 +104,7 @@ def tables(columns=COLUMNS, epochs: float = 10) -> str:
     results = report.load_results(folder) if os.path.isdir(folder) else []
     grid[header], rest = cells(results, model, dataset, epochs)
     machines |= {s['machine'] for runs in grid[header].values() for s in runs or ()}
-    others += [f'- {header}: {s.get("variant") or report.variant(s)}, seed {s["seed"]}, lr '
+    others += [f'- {header}: {report.summary_label(s)}, seed {s["seed"]}, lr '
                f'{s["config"]["opt"]["lr"]:g}: {s["final_test_accuracy"]:.2f}' for s in rest]
   head = '| method | ' + ' | '.join(h for h, *_ in columns) + ' |'
   rule = '|---' * (len(columns) + 1) + '|'
