@@ -82,6 +82,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   o.weight_decay = 0.0       # adamw only
   o.clip_norm = 0.0          # 0: no clipping
   o.retract_every = 0        # exact QR retraction of the factors every N steps (0: never)
+  o.factor_lr_scale = 1.0    # the u, s, v leaves step at this fraction of opt.lr (1: the same)
 
   c.rank = r = ml_collections.ConfigDict()  # rank reduction during training (svd_bp/ssa)
   r.epochs = ()              # reduce after these epochs, e.g. '(3, 6)'; (): the rank is fixed

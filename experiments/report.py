@@ -41,7 +41,7 @@ def variant(summary: dict) -> str:
   such runs in separate result folders.
   Channel-broadcast feedback is marked because configs/cifar10.py delivers full maps. For
   the factored methods the rank is marked when it is not the default 1/4, with the rank
-  reduction schedule (``rank.*``) and the Hoyer weight when they are on.
+  reduction schedule (``rank.*``), the Hoyer weight and ``opt.factor_lr_scale`` when they are on.
   """
   d = summary['config']['dfa']
   label = summary['method']
@@ -88,6 +88,9 @@ def variant(summary: dict) -> str:
       label += f' rank {m.get("rank")}'
     if d.get('hoyer_weight'):
       label += f' + Hoyer {d["hoyer_weight"]:g}'
+    scale = summary['config'].get('opt', {}).get('factor_lr_scale', 1.0)
+    if scale != 1.0:
+      label += f' (factor lr ×{scale:g})'
   if (m.get('kwargs') or {}).get('norm') == 'batch':
     label += f' (BN, {m.get("act")})'
   return label

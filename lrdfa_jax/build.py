@@ -346,7 +346,8 @@ def build_tx(config, total_steps: int) -> tuple[optax.GradientTransformation, op
                                orth_weight=config.dfa.orth_weight if factored else 0.0,
                                hoyer_weight=config.dfa.hoyer_weight if factored else 0.0,
                                retract=o.retract_every,
-                               clip_norm=o.clip_norm), schedule
+                               clip_norm=o.clip_norm,
+                               factor_lr_scale=o.get('factor_lr_scale', 1.0)), schedule
 
 
 

@@ -26,6 +26,10 @@ def _is_factor(path, x) -> bool:
   return _leaf_name(path) in ('u', 'v') and getattr(x, 'ndim', 0) == 2
 
 
+def _is_factor_leaf(path, x) -> bool:
+  return _leaf_name(path) == 's' or _is_factor(path, x)
+
+
 def factor_mask(params: Any) -> Any:
   """Pytree of bools: True at ``u``/``v`` factor leaves."""
   return jax.tree_util.tree_map_with_path(_is_factor, params)
@@ -145,8 +149,10 @@ def build_optimizer(*, learning_rate: float | optax.Schedule, optimizer: str = '
                     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                     momentum: float = 0.9, weight_decay: float = 0.0,
                     orth_weight: float = 0.0, hoyer_weight: float = 0.0, retract: int = 0,
-                    clip_norm: float = 0.0) -> optax.GradientTransformation:
-  """The whole chain: Hoyer penalty → clip → orthogonality penalty → optimizer → retraction.
+                    clip_norm: float = 0.0,
+                    factor_lr_scale: float = 1.0) -> optax.GradientTransformation:
+  """The whole chain: Hoyer penalty → clip → orthogonality penalty → optimizer → factor scale
+  → retraction.
 
   Args:
     learning_rate: a float or an optax schedule.
@@ -156,6 +162,10 @@ def build_optimizer(*, learning_rate: float | optax.Schedule, optimizer: str = '
     hoyer_weight: weight of :func:`add_hoyer_penalty` (0 leaves it out).
     retract: QR retraction every this many steps (0 leaves it out).
     clip_norm: global-norm clipping of the update (0 leaves it out).
+    factor_lr_scale: multiplies the optimizer's step of every ``u``, ``s`` and ``v`` leaf, so the
+      factors take this fraction of the rate the other leaves (BN, stem, head) take (1 leaves
+      it out). Under BatchNorm a dense kernel's norm grows and its relative step shrinks; the
+      factors, held near unit norm by the orthogonality penalty, keep their relative step.
   """
   if optimizer not in OPTIMIZERS:
     raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.')
@@ -175,6 +185,11 @@ def build_optimizer(*, learning_rate: float | optax.Schedule, optimizer: str = '
                              mask=decay_mask))
   else:
     parts.append(optax.sgd(learning_rate, momentum=momentum or None))
+  if factor_lr_scale != 1.0:
+    if factor_lr_scale <= 0:
+      raise ValueError(f'factor_lr_scale must be > 0, got {factor_lr_scale}.')
+    parts.append(optax.masked(optax.scale(factor_lr_scale),
+                              lambda p: jax.tree_util.tree_map_with_path(_is_factor_leaf, p)))
   if retract:
     parts.append(retract_every(retract))
   return optax.chain(*parts)

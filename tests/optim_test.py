@@ -73,6 +73,24 @@ def test_build_optimizer_runs(name):
     optim.build_optimizer(learning_rate=1.0, optimizer='lion')
 
 
+def test_factor_lr_scale_scales_only_the_factor_steps():
+  params = _params()
+  params['bn'] = {'scale': jnp.ones(4), 'bias': jnp.zeros(4)}
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.1), params)
+  kw = dict(learning_rate=1e-2, orth_weight=0.1)
+  plain, scaled = optim.build_optimizer(**kw), optim.build_optimizer(**kw, factor_lr_scale=0.25)
+  want, _ = plain.update(grads, plain.init(params), params)
+  got, _ = scaled.update(grads, scaled.init(params), params)
+  for leaf in ('u', 's', 'v'):
+    np.testing.assert_allclose(got['l1'][leaf], 0.25 * want['l1'][leaf], rtol=1e-6)
+  for a, b in ((got['l1']['bias'], want['l1']['bias']), (got['bn'], want['bn']),
+               (got['dense'], want['dense'])):
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+  assert np.abs(want['l1']['u']).max() > 0
+  with pytest.raises(ValueError, match='factor_lr_scale must be > 0'):
+    optim.build_optimizer(learning_rate=1.0, factor_lr_scale=0.0)
+
+
 def test_schedules():
   s = optim.make_schedule(1.0, 100, kind='cosine', warmup_steps=10)
   assert float(s(0)) == 0.0 and abs(float(s(10)) - 1.0) < 1e-6 and float(s(100)) < 1e-6

@@ -59,6 +59,9 @@ def test_variant_labels():
   s['config']['rank'].update(epochs=[3, 6], energy=0.9)
   s['config']['dfa']['hoyer_weight'] = 0.01
   assert report.variant(s) == 'ssa rank 0.25 reduced at epochs 3, 6 (energy 0.9) + Hoyer 0.01'
+  s['config']['opt']['factor_lr_scale'] = 0.3
+  assert report.variant(s).endswith('+ Hoyer 0.01 (factor lr ×0.3)')
+  s['config']['opt']['factor_lr_scale'] = 1.0
   s['config']['rank'].update(epochs=[])
   s['config']['dfa']['hoyer_weight'] = 0.0
   s['config']['dfa']['orth_weight'] = 0.0
