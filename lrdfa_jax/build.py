@@ -84,6 +84,14 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
       raise ConfigError(f'rank.energy={r.energy}: the share of Σ s² to keep lies in (0, 1].')
     if not (r.floor >= 1 and float(r.floor).is_integer()) and not 0.0 < r.floor < 1.0:
       raise ConfigError(f'rank.floor={r.floor}: an int rank >= 1 or a fraction in (0, 1).')
+  scale = config.opt.get('factor_lr_scale', 1.0)
+  if scale != 1.0:
+    if method not in FACTORED_METHODS:
+      raise ConfigError(f'opt.factor_lr_scale scales the factors of '
+                        f'{", ".join(FACTORED_METHODS)}; {method} has none. Leave it 1.')
+    if not scale > 0:
+      raise ConfigError(f'opt.factor_lr_scale={scale}: give a positive fraction of opt.lr '
+                        '(1: the factors step at the same rate).')
   if config.train.get('max_loss', 0.0) < 0:
     raise ConfigError('train.max_loss must be >= 0 (0: 20 × the chance loss ln(classes)).')
   if config.model.get('conv_execution', 'auto') not in layers.CONV_EXECUTIONS:
