@@ -164,8 +164,9 @@ def build_optimizer(*, learning_rate: float | optax.Schedule, optimizer: str = '
     clip_norm: global-norm clipping of the update (0 leaves it out).
     factor_lr_scale: multiplies the optimizer's step of every ``u``, ``s`` and ``v`` leaf, so the
       factors take this fraction of the rate the other leaves (BN, stem, head) take (1 leaves
-      it out). Under BatchNorm a dense kernel's norm grows and its relative step shrinks; the
-      factors, held near unit norm by the orthogonality penalty, keep their relative step.
+      it out). The hypothesis it tests (docs/method.md): under BatchNorm a dense kernel's norm
+      grows and its relative step shrinks, while the factors, held near unit norm by the
+      orthogonality penalty, keep theirs.
   """
   if optimizer not in OPTIMIZERS:
     raise ValueError(f'optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.')

@@ -576,7 +576,7 @@ def test_learned_feedback_needs_its_signal():
     train.train_and_evaluate(mlp)
 
 
-def test_build_tx_passes_factor_lr_scale_on():
+def test_factor_lr_scale_reaches_the_chain_and_is_checked():
   params = {'l': {'u': jnp.ones((4, 2)), 's': jnp.ones(2), 'v': jnp.ones((3, 2))},
             'bn': {'scale': jnp.ones(4)}}
   grads = jax.tree.map(lambda x: jnp.full_like(x, 0.1), params)
@@ -587,6 +587,10 @@ def test_build_tx_passes_factor_lr_scale_on():
   np.testing.assert_allclose(steps[0.5]['l']['s'], 0.5 * steps[1.0]['l']['s'], rtol=1e-6)
   np.testing.assert_array_equal(steps[0.5]['bn']['scale'], steps[1.0]['bn']['scale'])
   assert np.abs(steps[1.0]['l']['s']).max() > 0
+  with pytest.raises(train.ConfigError, match='opt.factor_lr_scale scales the factors'):
+    train.train_and_evaluate(tiny_config(dfa__method='dfa', opt__factor_lr_scale=0.5))
+  with pytest.raises(train.ConfigError, match=r'opt.factor_lr_scale=-1'):
+    train.train_and_evaluate(tiny_config(opt__factor_lr_scale=-1.0))
 
 
 def test_rank_reduction_during_training_resumes_bit_identically(tmp_path):
@@ -618,10 +622,6 @@ def test_rank_reduction_during_training_resumes_bit_identically(tmp_path):
                  (sa.params, sa.opt_state, sa.feedback, sa.feedback_opt_state),
                  (sb.params, sb.opt_state, sb.feedback, sb.feedback_opt_state))
     assert rest['final_test_accuracy'] == full['final_test_accuracy']
-  with pytest.raises(train.ConfigError, match='opt.factor_lr_scale scales the factors'):
-    train.train_and_evaluate(tiny_config(dfa__method='dfa', opt__factor_lr_scale=0.5))
-  with pytest.raises(train.ConfigError, match=r'opt.factor_lr_scale=-1'):
-    train.train_and_evaluate(tiny_config(opt__factor_lr_scale=-1.0))
   with pytest.raises(train.ConfigError, match='rank.epochs reduces factored layers'):
     train.train_and_evaluate(tiny_config(dfa__method='dfa', rank__epochs=(1,)))
   with pytest.raises(train.ConfigError, match=r'rank.epochs=\(3,\)'):
