@@ -231,16 +231,10 @@ def provenance_lines(doc: dict[str, Any]) -> list[str]:
 
 def machine_info() -> dict[str, Any]:
   dev = jax.devices()[0]
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open('/proc/cpuinfo') as f:
-      names = [l.split(':', 1)[1].strip() for l in f if l.startswith('model name')]
-    cpu = names[0] if names else cpu
-  except OSError:
-    pass
   import jaxlib
   return {'device': getattr(dev, 'device_kind', dev.platform), 'platform': dev.platform,
-          'device_count': jax.device_count(), 'cpu': cpu, 'cpu_count': os.cpu_count(),
+          'device_count': jax.device_count(), 'cpu': metrics_lib.cpu_model(),
+          'cpu_count': os.cpu_count(),
           'jax_version': jax.__version__, 'jaxlib_version': jaxlib.__version__,
           'python': platform.python_version(), 'xla_flags': os.environ.get('XLA_FLAGS', '')}
 

@@ -35,11 +35,24 @@ def param_count(params: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
+def cpu_model(cpuinfo: str = '/proc/cpuinfo') -> str:
+  """The host CPU's model name (``'AMD EPYC'``), or the architecture where ``cpuinfo`` names
+  none (macOS, some containers). Wall times only compare on the same model."""
+  try:
+    with open(cpuinfo) as f:
+      names = [l.split(':', 1)[1].strip() for l in f if l.startswith('model name')]
+  except OSError:
+    names = []
+  return names[0] if names and names[0] else platform.processor() or platform.machine()
+
+
 def machine() -> str:
-  """``'1x cpu (x86_64, 2 CPUs)'``: the devices a run saw, for its summary."""
+  """``'1x cpu (AMD EPYC, x86_64, 2 CPUs)'``: the devices and host CPU a run saw, for its
+  summary."""
   dev = jax.devices()[0]
   kind = getattr(dev, 'device_kind', dev.platform)
-  return f'{jax.device_count()}x {kind} ({platform.machine()}, {os.cpu_count()} CPUs)'
+  return (f'{jax.device_count()}x {kind} ({cpu_model()}, {platform.machine()}, '
+          f'{os.cpu_count()} CPUs)')
 
 
 def evaluate(eval_fn, state, source, *, batch_size, info, mesh,

@@ -3,6 +3,7 @@ import dataclasses
 import functools
 import json
 import os
+import platform
 import re
 import time
 
@@ -246,6 +247,19 @@ def test_end_to_end_checkpoint_resume_and_interruption(tmp_path):
   assert again['step'] == 16
   s2 = train.restore_checkpoint(tiny_config(), a)
   jax.tree.map(np.testing.assert_array_equal, (sa.params, sa.opt_state), (s2.params, s2.opt_state))
+
+
+def test_the_summary_names_the_host_cpu_model(tmp_path):
+  """Wall times compare only on one CPU model, and the host varies: the machine string names it
+  from /proc/cpuinfo, and falls back to the architecture where that names none."""
+  info = tmp_path / 'cpuinfo'
+  info.write_text('processor\t: 0\nmodel name\t: Test CPU 9000\n\nprocessor\t: 1\n'
+                  'model name\t: Test CPU 9000\n')
+  assert metrics_lib.cpu_model(str(info)) == 'Test CPU 9000'
+  info.write_text('processor\t: 0\n')
+  assert metrics_lib.cpu_model(str(info)) == (platform.processor() or platform.machine())
+  assert metrics_lib.cpu_model(str(tmp_path / 'missing')) == metrics_lib.cpu_model(str(info))
+  assert f'({metrics_lib.cpu_model()}, {platform.machine()}, ' in metrics_lib.machine()
 
 
 def test_wall_time_before_an_unlogged_resume_is_marked_unknown(tmp_path):
