@@ -51,8 +51,8 @@ def machine() -> str:
   summary."""
   dev = jax.devices()[0]
   kind = getattr(dev, 'device_kind', dev.platform)
-  return (f'{jax.device_count()}x {kind} ({cpu_model()}, {platform.machine()}, '
-          f'{os.cpu_count()} CPUs)')
+  host = dict.fromkeys((cpu_model(), platform.machine()))  # the model, unless it is the arch
+  return f'{jax.device_count()}x {kind} ({", ".join(host)}, {os.cpu_count()} CPUs)'
 
 
 def evaluate(eval_fn, state, source, *, batch_size, info, mesh,
