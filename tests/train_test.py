@@ -713,7 +713,11 @@ def test_modules_backprop_within_and_cut_between():
                'conv3': 'conv3', 'conv3_bn': 'conv3', 'fc1': 'head', 'head': 'head'}
   assert set(module_of) == set(state.params)
   for name, loss in module_of.items():
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    # A conv bias before BN has zero true gradient: both sides are float32 rounding noise at
+    # the layer's scale (AMD EPYC: 2.5e-7 apart for conv1, whose largest entry is 0.84), so
+    # the absolute tolerance follows the layer's largest reference entry.
+    atol = 1e-6 * max(float(np.abs(x).max()) for x in jax.tree.leaves(refs[loss][name]))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol),
                  got[name], refs[loss][name])
   # conv2 learns through conv3 (not from nothing), conv1 not from conv3's loss
   assert np.abs(np.asarray(got['conv2']['u'])).max() > 1e-6
