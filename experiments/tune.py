@@ -13,7 +13,10 @@ Every variant gets the same grid and epochs, so the same budget. Results merge i
 (JSON), which records every run and the best learning rate per (variant, tag);
 experiments.protocol reads the choice from there. A rate that diverges is recorded as
 ``diverged`` (never chosen) and the grid goes on; a config the library refuses stops it with one
-line.
+line. ``--skip_done`` keeps a (variant, rate, probe) cell that ``--out`` already holds for the
+same ``--set``, epochs and held-out size instead of training it again (for a queue that is
+rerun after its run directories were lost; a run directory that still has the finished run is
+reused anyway).
 """
 from __future__ import annotations
 
@@ -39,6 +42,9 @@ _DATASET = flags.DEFINE_enum('dataset', 'cifar10', list(DATASETS),
 _MODEL = flags.DEFINE_enum('model', 'small_conv', list(MODELS),
                             'small_conv (configs/cifar10.py) or a zoo net (configs/zoo.py).')
 _OUT = flags.DEFINE_string('out', 'results/cifar10_small_conv/tuning.json', 'Results JSON.')
+_SKIP_DONE = flags.DEFINE_bool('skip_done', False,
+                               'Keep the cells --out already holds (same --set, epochs and '
+                               'held-out size) instead of training them again.')
 
 
 def parse_set(items: list[str]) -> dict[str, object]:
@@ -75,6 +81,18 @@ def best(runs: list[dict]) -> dict[str, dict]:
       out[key] = r
   return {k: {'lr': v['lr'], 'validation_accuracy': v['validation_accuracy']}
           for k, v in sorted(out.items())}
+
+
+def recorded(doc: dict, name: str, overrides: dict, *, epochs: int,
+             validation_size: int) -> dict | None:
+  """The run of `doc` (a tuning file) named `name` with these overrides, epochs and held-out
+  size, or None. Records from before per-run epochs carry the file's."""
+  for r in doc.get('runs', []):
+    if (r['name'] == name and r.get('set', {}) == overrides
+        and r.get('epochs', doc.get('epochs')) == epochs
+        and r.get('validation_size', doc.get('validation_size')) == validation_size):
+      return r
+  return None
 
 
 def markdown(doc: dict) -> str:
@@ -119,6 +137,9 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   doc = load(_OUT.value, dataset=_DATASET.value, model=_MODEL.value)
+  # before doc.update: records without their own epochs carry the file's
+  held = {r['name'] for r in doc['runs'] if _SKIP_DONE.value and recorded(
+      doc, r['name'], overrides, epochs=_EPOCHS.value, validation_size=_VAL.value)}
   doc.update(epochs=_EPOCHS.value, validation_size=_VAL.value, dataset=_DATASET.value,
              model=_MODEL.value)
   for variant in _VARIANTS.value:
@@ -131,6 +152,9 @@ def main(argv):
         section, field = key.split('.')
         c[section][field] = value
       name = run_name(variant, lr, _TAG.value)
+      if name in held:
+        print(f'{name}: kept from {_OUT.value} (--skip_done)')
+        continue
       workdir = os.path.join(_RUNDIR.value, name)
       s = run_or_diverge(workdir, c)
       if s is not None:
@@ -141,6 +165,7 @@ def main(argv):
       runs = doc['runs']
       runs = [r for r in runs if r['name'] != name] + [{
           'name': name, 'variant': variant, 'tag': _TAG.value, 'lr': lr, 'set': overrides,
+          'epochs': _EPOCHS.value, 'validation_size': _VAL.value,
           **(DIVERGED if s is None else {
               'validation_accuracy': s['final_validation_accuracy'],
               'test_accuracy': s['final_test_accuracy'], 'wall_time_s': s['wall_time_s'],

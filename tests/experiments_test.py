@@ -82,3 +82,36 @@ def test_commands_refuse_bad_input_in_one_line(tmp_path, module, flags, message)
   assert p.returncode == 2
   assert p.stderr.strip() == message.format(tmp=tmp_path) and p.stdout == ''
   assert sorted(os.listdir(tmp_path)) == []  # nothing written
+
+
+def test_tune_skip_done_matches_name_set_epochs_and_held_out_size():
+  doc = {'epochs': 3, 'validation_size': 5000, 'runs': [
+      {'name': 'ssa_lr0.001', 'set': {}, 'validation_accuracy': 50.0},  # from before per-run
+      {'name': 'bp_r_lr0.01', 'set': {'model.rank': 0.5}, 'epochs': 1, 'validation_size': 100}]}
+  assert tune.recorded(doc, 'ssa_lr0.001', {}, epochs=3, validation_size=5000) is doc['runs'][0]
+  assert tune.recorded(doc, 'ssa_lr0.001', {}, epochs=10, validation_size=5000) is None
+  assert tune.recorded(doc, 'ssa_lr0.001', {}, epochs=3, validation_size=1000) is None
+  assert tune.recorded(doc, 'ssa_lr0.001', {'model.rank': 0.5}, epochs=3,
+                       validation_size=5000) is None
+  assert tune.recorded(doc, 'bp_r_lr0.01', {'model.rank': 0.5}, epochs=1,
+                       validation_size=100) is doc['runs'][1]  # its own epochs, not the file's
+  assert tune.recorded(doc, 'bp_r_lr0.01', {'model.rank': 0.5}, epochs=3,
+                       validation_size=5000) is None
+  assert tune.recorded(doc, 'ssa_lr0.003', {}, epochs=3, validation_size=5000) is None
+
+
+def test_tune_skip_done_trains_nothing_it_already_holds(tmp_path):
+  out = tmp_path / 'tuning.json'
+  run = {'name': 'ssa_lr0.001', 'variant': 'ssa', 'tag': '', 'lr': 1e-3, 'set': {},
+         'validation_accuracy': 50.0, 'test_accuracy': 49.0, 'wall_time_s': 10.0}
+  doc = {'epochs': 3, 'validation_size': 5000, 'dataset': 'cifar10', 'model': 'small_conv',
+         'runs': [run], 'best': tune.best([run])}
+  out.write_text(json.dumps(doc))
+  p = subprocess.run([sys.executable, '-m', 'experiments.tune', '--skip_done', '--variants=ssa',
+                      '--lrs=1e-3', f'--rundir={tmp_path}/runs', f'--out={out}'],
+                     capture_output=True, text=True, timeout=120,
+                     cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert p.returncode == 0, p.stderr
+  assert p.stdout == f'ssa_lr0.001: kept from {out} (--skip_done)\n'
+  assert not (tmp_path / 'runs').exists()  # nothing trained
+  assert json.loads(out.read_text())['runs'] == [run]
