@@ -225,6 +225,20 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> None:
   jax.distributed.initialize(**kwargs)
 
 
+_barriers = itertools.count()  # a barrier's name is used once
+
+
+def wait_for_all_processes(name: str, timeout_s: int) -> None:
+  """Blocks until every process of a multi-process run has reached this point, for up to
+  ``timeout_s`` (a no-op in one process). It is the coordination service's barrier, not a
+  collective: gloo gives a process only 30 s to join its first collective, which one
+  process slowed by loading data or a busy CPU can miss (orbax's first sync is one)."""
+  if jax.process_count() > 1:
+    import orbax.checkpoint as ocp
+    ocp.multihost.get_barrier_sync_fn()(key=f'lrdfa_{name}_{next(_barriers)}',
+                                        timeout_ms=int(timeout_s) * 1000)
+
+
 
 # -------------------------------------------------------------------------------- the loop
 
@@ -411,7 +425,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | None = 
   if run.notice:
     logging.info('%s', run.notice)
 
-  # Everything above validates; only now is the workdir written.
+  # Everything above validates; only now is the workdir written. The processes set up at
+  # their own pace; they meet here, before orbax's first collective.
+  wait_for_all_processes('setup', tc.get('timeout_s', 300))
   mngr, state = _open_workdir(config, workdir, _replicated(run.state, mesh), mesh,
                               primary=primary, reductions=reductions, changes=changes)
   say = tqdm.write if primary else (lambda _: None)

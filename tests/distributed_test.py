@@ -22,10 +22,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir: str, stop: int, epochs: int = 2) -> list[subprocess.Popen]:
+def _start(workdir: str, stop: int, epochs: int = 2,
+           slow_setup_s: int = 0) -> list[subprocess.Popen]:
   port = _free_port()
   env = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'PYTHONUNBUFFERED': '1',
-         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+         'LRDFA_TEST_SLOW_SETUP_S': str(slow_setup_s)}  # process 1 loads its data this late
   # one compilation cache per process id, which a resume of the same workdir reuses (one cache
   # for both processes could clash: two processes writing one entry at once)
   return [subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'distributed_worker.py'),
@@ -35,8 +37,8 @@ def _start(workdir: str, stop: int, epochs: int = 2) -> list[subprocess.Popen]:
           for pid in (0, 1)]
 
 
-def _two_processes(workdir: str, stop: int) -> list[str]:
-  procs = _start(workdir, stop)
+def _two_processes(workdir: str, stop: int, slow_setup_s: int = 0) -> list[str]:
+  procs = _start(workdir, stop, slow_setup_s=slow_setup_s)
   outs = []
   try:
     for p in procs:
@@ -58,7 +60,10 @@ def test_two_processes_train_checkpoint_resume_like_one_process_with_four_device
   for pid, out in enumerate(first):
     assert f'process {pid} of 2, 4 devices: step 5 ' in out, out[-2000:]
   assert train.restore_checkpoint(distributed_worker.config(), two).step == 5
-  rest = _two_processes(two, stop=0)  # resume to the end (16 steps)
+  # resume to the end (16 steps), process 1 setting up 35 s after process 0: beyond the 30 s
+  # gloo gives a process to join a collective, so the processes must meet at a barrier first
+  # (train.wait_for_all_processes; a loaded CI host once skewed them that much)
+  rest = _two_processes(two, stop=0, slow_setup_s=35)
   assert all('2, 4 devices: step 16 ' in o for o in rest)
   assert sorted(os.listdir(os.path.join(two, 'checkpoints'))) == ['16', '8']
   # the files are written once, by process 0

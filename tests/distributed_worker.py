@@ -5,6 +5,7 @@ emulated CPU devices, joined to the other process through a coordinator at 127.0
 """
 import os
 import sys
+import time
 
 
 def config(stop_after_steps: int = 0, epochs: int = 2, **train):
@@ -30,7 +31,11 @@ if __name__ == '__main__':
   os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
   os.environ['JAX_PLATFORMS'] = 'cpu'
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from lrdfa_jax import train
+  from lrdfa_jax import build, train
+  delay = int(os.environ.get('LRDFA_TEST_SLOW_SETUP_S', '0')) if pid == 1 else 0
+  if delay:  # a process that sets up late (a busy host)
+    load_data = build.load_data
+    build.load_data = lambda c: (time.sleep(delay), load_data(c))[1]
   epochs = int(sys.argv[5]) if len(sys.argv) > 5 else 2
   c = config(stop, epochs, distributed=True, coordinator_address=f'127.0.0.1:{port}',
              num_processes=2, process_id=pid, timeout_s=120, heartbeat_s=20 if epochs > 2 else 100)
