@@ -86,7 +86,8 @@ def best(runs: list[dict]) -> dict[str, dict]:
 def recorded(doc: dict, name: str, overrides: dict, *, epochs: int,
              validation_size: int) -> dict | None:
   """The run of `doc` (a tuning file) named `name` with these overrides, epochs and held-out
-  size, or None. Records from before per-run epochs carry the file's."""
+  size, or None. Records from before per-run epochs carry the file's (:func:`load` writes
+  them into each record)."""
   for r in doc.get('runs', []):
     if (r['name'] == name and r.get('set', {}) == overrides
         and r.get('epochs', doc.get('epochs')) == epochs
@@ -97,9 +98,13 @@ def recorded(doc: dict, name: str, overrides: dict, *, epochs: int,
 
 def markdown(doc: dict) -> str:
   model, dataset = doc.get('model', 'small_conv'), doc.get('dataset', 'cifar10')
-  lines = [f'Held-out tuning of {model} on {dataset}: {doc["validation_size"]} training images '
-           f'held out, '
-           f'{doc["epochs"]} epochs per run, seed 0 (`python -m experiments.tune`).', '',
+
+  def per_run(key):  # one value, or each value the runs have ("or": see each run in the JSON)
+    values = sorted({r.get(key, doc[key]) for r in doc['runs']} or {doc[key]})
+    return ' or '.join(map(str, values))
+  lines = [f'Held-out tuning of {model} on {dataset}: {per_run("validation_size")} training '
+           f'images held out, '
+           f'{per_run("epochs")} epochs per run, seed 0 (`python -m experiments.tune`).', '',
            '| variant | probe | lr | held-out acc % | test acc % | wall s |',
            '|---|---|---|---|---|---|']
   for r in sorted(doc['runs'], key=lambda r: (r['variant'], r['tag'], r['lr'])):
@@ -124,6 +129,10 @@ def load(path, *, dataset, model):
     if doc.get(key, default) != want:
       raise app.UsageError(f'{path} holds {doc.get(key, default)} runs; pass another '
                            f'--out for {want}.')
+  for r in doc['runs']:  # records from before per-run epochs: the file's, kept with the record
+    for key in ('epochs', 'validation_size'):
+      if key not in r and key in doc:
+        r[key] = doc[key]
   return doc
 
 
@@ -137,9 +146,10 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   doc = load(_OUT.value, dataset=_DATASET.value, model=_MODEL.value)
-  # before doc.update: records without their own epochs carry the file's
-  held = {r['name'] for r in doc['runs'] if _SKIP_DONE.value and recorded(
-      doc, r['name'], overrides, epochs=_EPOCHS.value, validation_size=_VAL.value)}
+  held = set()
+  if _SKIP_DONE.value:
+    held = {r['name'] for r in doc['runs'] if recorded(
+        doc, r['name'], overrides, epochs=_EPOCHS.value, validation_size=_VAL.value)}
   doc.update(epochs=_EPOCHS.value, validation_size=_VAL.value, dataset=_DATASET.value,
              model=_MODEL.value)
   for variant in _VARIANTS.value:
@@ -160,8 +170,7 @@ def main(argv):
       if s is not None:
         print(f'{name}: held-out {s["final_validation_accuracy"]:.2f}%')
       if os.path.exists(_OUT.value):  # merge with runs other invocations wrote meanwhile
-        with open(_OUT.value) as f:
-          doc['runs'] = json.load(f)['runs']
+        doc['runs'] = load(_OUT.value, dataset=_DATASET.value, model=_MODEL.value)['runs']
       runs = doc['runs']
       runs = [r for r in runs if r['name'] != name] + [{
           'name': name, 'variant': variant, 'tag': _TAG.value, 'lr': lr, 'set': overrides,

@@ -229,11 +229,12 @@ _barriers = itertools.count()  # a barrier's name is used once
 
 
 def wait_for_all_processes(name: str, timeout_s: int) -> None:
-  """Blocks until every process of a multi-process run has reached this point, for up to
-  ``timeout_s`` (a no-op in one process). It is the coordination service's barrier, not a
-  collective: gloo gives a process only 30 s to join its first collective, which one
-  process slowed by loading data or a busy CPU can miss (orbax's first sync is one)."""
-  if jax.process_count() > 1:
+  """Blocks until every process of a multi-process CPU run has reached this point, for up to
+  ``timeout_s`` (a no-op in one process and on accelerators, whose collectives wait). It is
+  the coordination service's barrier, not a collective: gloo, the CPU collectives, gives a
+  process only 30 s to join its first collective, which one process slowed by loading data or
+  a busy CPU can miss (orbax's first sync is one)."""
+  if jax.process_count() > 1 and jax.default_backend() == 'cpu':
     import orbax.checkpoint as ocp
     ocp.multihost.get_barrier_sync_fn()(key=f'lrdfa_{name}_{next(_barriers)}',
                                         timeout_ms=int(timeout_s) * 1000)

@@ -100,6 +100,19 @@ def test_tune_skip_done_matches_name_set_epochs_and_held_out_size():
   assert tune.recorded(doc, 'ssa_lr0.003', {}, epochs=3, validation_size=5000) is None
 
 
+def test_tune_load_keeps_the_files_epochs_with_its_older_records(tmp_path):
+  path = tmp_path / 'tuning.json'
+  path.write_text(json.dumps({'epochs': 3, 'validation_size': 5000, 'runs': [
+      {'name': 'ssa_lr0.001', 'variant': 'ssa', 'tag': '', 'lr': 1e-3, 'set': {},
+       'validation_accuracy': 50.0, 'test_accuracy': 49.0, 'wall_time_s': 10.0}]}))
+  doc = tune.load(str(path), dataset='cifar10', model='small_conv')
+  assert (doc['runs'][0]['epochs'], doc['runs'][0]['validation_size']) == (3, 5000)
+  doc.update(epochs=10)  # a 10-epoch probe joins the file: the 3-epoch run stays 3 epochs
+  assert tune.recorded(doc, 'ssa_lr0.001', {}, epochs=10, validation_size=5000) is None
+  doc['runs'].append({**doc['runs'][0], 'name': 'ssa_x_lr0.001', 'tag': 'x', 'epochs': 10})
+  assert 'held out, 3 or 10 epochs per run' in tune.markdown({**doc, 'best': {}})
+
+
 def test_tune_skip_done_trains_nothing_it_already_holds(tmp_path):
   out = tmp_path / 'tuning.json'
   run = {'name': 'ssa_lr0.001', 'variant': 'ssa', 'tag': '', 'lr': 1e-3, 'set': {},

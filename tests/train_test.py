@@ -645,6 +645,15 @@ def test_rank_reduction_during_training_resumes_bit_identically(tmp_path):
     train.train_and_evaluate(tiny_config(dfa__method='ssa', rank__epochs=(3,)))
 
 
+def _assert_layer_close(got, want):
+  """One layer's update tree equals `want` to float32 precision. A conv bias before BN has zero
+  true gradient: both sides are rounding noise at the layer's scale (on an AMD EPYC host 2.5e-7
+  apart for a layer whose largest entry is 0.84), so the absolute tolerance follows the layer's
+  largest reference entry."""
+  atol = 1e-6 * max(float(np.abs(x).max()) for x in jax.tree.leaves(want))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol), got, want)
+
+
 def test_bp_blocks_take_the_backprop_gradient_and_the_rest_their_local_update():
   """dfa.bp_blocks=('conv2',) on the BN SmallConv: conv2 and conv2_bn get jax.grad of the
   output CE through the whole net (written out here, not via dfa.bp_grads), every other block
@@ -670,9 +679,7 @@ def test_bp_blocks_take_the_backprop_gradient_and_the_rest_their_local_update():
   bp_names = {'conv2', 'conv2_bn'} & set(state.params)
   assert bp_names == {'conv2', 'conv2_bn'}  # the BN net: its BN goes with its conv
   for name in state.params:
-    want = reference[name] if name in bp_names else plain[name]
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 mixed[name], want)
+    _assert_layer_close(mixed[name], reference[name] if name in bp_names else plain[name])
   # the local update of conv2 is not the backprop gradient, so the swap is visible
   assert not np.allclose(plain['conv2']['u'], reference['conv2']['u'], atol=1e-4)
 
@@ -713,12 +720,7 @@ def test_modules_backprop_within_and_cut_between():
                'conv3': 'conv3', 'conv3_bn': 'conv3', 'fc1': 'head', 'head': 'head'}
   assert set(module_of) == set(state.params)
   for name, loss in module_of.items():
-    # A conv bias before BN has zero true gradient: both sides are float32 rounding noise at
-    # the layer's scale (AMD EPYC: 2.5e-7 apart for conv1, whose largest entry is 0.84), so
-    # the absolute tolerance follows the layer's largest reference entry.
-    atol = 1e-6 * max(float(np.abs(x).max()) for x in jax.tree.leaves(refs[loss][name]))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol),
-                 got[name], refs[loss][name])
+    _assert_layer_close(got[name], refs[loss][name])
   # conv2 learns through conv3 (not from nothing), conv1 not from conv3's loss
   assert np.abs(np.asarray(got['conv2']['u'])).max() > 1e-6
   assert not np.allclose(got['conv1']['u'], refs['conv3']['conv1']['u'], atol=1e-6)
