@@ -85,13 +85,12 @@ def best(runs: list[dict]) -> dict[str, dict]:
 
 def recorded(doc: dict, name: str, overrides: dict, *, epochs: int,
              validation_size: int) -> dict | None:
-  """The run of `doc` (a tuning file) named `name` with these overrides, epochs and held-out
-  size, or None. Records from before per-run epochs carry the file's (:func:`load` writes
-  them into each record)."""
+  """The run of `doc` (a tuning file, as :func:`load` reads it: every record with its own
+  epochs and held-out size) named `name` with these overrides, epochs and held-out size, or
+  None."""
   for r in doc.get('runs', []):
-    if (r['name'] == name and r.get('set', {}) == overrides
-        and r.get('epochs', doc.get('epochs')) == epochs
-        and r.get('validation_size', doc.get('validation_size')) == validation_size):
+    if (r['name'] == name and r.get('set', {}) == overrides and r.get('epochs') == epochs
+        and r.get('validation_size') == validation_size):
       return r
   return None
 

@@ -86,7 +86,8 @@ def test_commands_refuse_bad_input_in_one_line(tmp_path, module, flags, message)
 
 def test_tune_skip_done_matches_name_set_epochs_and_held_out_size():
   doc = {'epochs': 3, 'validation_size': 5000, 'runs': [
-      {'name': 'ssa_lr0.001', 'set': {}, 'validation_accuracy': 50.0},  # from before per-run
+      {'name': 'ssa_lr0.001', 'set': {}, 'validation_accuracy': 50.0, 'epochs': 3,
+       'validation_size': 5000},
       {'name': 'bp_r_lr0.01', 'set': {'model.rank': 0.5}, 'epochs': 1, 'validation_size': 100}]}
   assert tune.recorded(doc, 'ssa_lr0.001', {}, epochs=3, validation_size=5000) is doc['runs'][0]
   assert tune.recorded(doc, 'ssa_lr0.001', {}, epochs=10, validation_size=5000) is None
@@ -107,6 +108,7 @@ def test_tune_load_keeps_the_files_epochs_with_its_older_records(tmp_path):
        'validation_accuracy': 50.0, 'test_accuracy': 49.0, 'wall_time_s': 10.0}]}))
   doc = tune.load(str(path), dataset='cifar10', model='small_conv')
   assert (doc['runs'][0]['epochs'], doc['runs'][0]['validation_size']) == (3, 5000)
+  assert tune.recorded(doc, 'ssa_lr0.001', {}, epochs=3, validation_size=5000) is doc['runs'][0]
   doc.update(epochs=10)  # a 10-epoch probe joins the file: the 3-epoch run stays 3 epochs
   assert tune.recorded(doc, 'ssa_lr0.001', {}, epochs=10, validation_size=5000) is None
   doc['runs'].append({**doc['runs'][0], 'name': 'ssa_x_lr0.001', 'tag': 'x', 'epochs': 10})
