@@ -1,8 +1,24 @@
 """Test setup: 4 emulated CPU devices (for the sharding tests), set before JAX starts."""
 import os
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=4').strip()
+# The tests' programs are tiny, so XLA's LLVM optimisation at its default level is most of their
+# time: at level 1 a tiny model's init compiles ~20x faster on this CPU (flax's tests also turn
+# LLVM optimisation down). Not level 0 (jax_disable_most_optimizations): there one fused dfa step
+# (train_test's mixed signal with BatchNorm) computed NaN that level 1, the default and op-by-op
+# execution do not. A level in the caller's XLA_FLAGS wins. The subprocesses and notebook kernels
+# the tests start inherit XLA_FLAGS; training runs outside the tests keep XLA's default.
+_FLAGS = [f for f in os.environ.get('XLA_FLAGS', '').split()
+          if not f.startswith('--xla_force_host_platform_device_count')]  # set below, per process
+if not any(f.startswith('--xla_backend_optimization_level') for f in _FLAGS):
+  _FLAGS.append('--xla_backend_optimization_level=1')
+
+
+def xla_flags(devices: int) -> str:
+  """``XLA_FLAGS`` for a process with ``devices`` emulated CPU devices and the tests' flags."""
+  return ' '.join(_FLAGS + [f'--xla_force_host_platform_device_count={devices}'])
+
+
+os.environ['XLA_FLAGS'] = xla_flags(4)
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # One persistent compilation cache per test session, shared with pytest-xdist's workers and the
 # subprocesses the tests start: most tests compile the same tiny train step, and a cache hit

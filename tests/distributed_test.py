@@ -12,6 +12,7 @@ import numpy as np
 
 from lrdfa_jax import train
 from tests import distributed_worker
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,7 +26,7 @@ def _free_port() -> int:
 def _start(workdir: str, stop: int, epochs: int = 2,
            slow_setup_s: int = 0) -> list[subprocess.Popen]:
   port = _free_port()
-  env = {**{k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}, 'PYTHONUNBUFFERED': '1',
+  env = {**os.environ, 'XLA_FLAGS': xla_flags(2), 'PYTHONUNBUFFERED': '1',
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
          'LRDFA_TEST_SLOW_SETUP_S': str(slow_setup_s)}  # process 1 loads its data this late
   # one compilation cache per process id, which a resume of the same workdir reuses (one cache

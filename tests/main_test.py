@@ -7,13 +7,15 @@ import sys
 
 import pytest
 
+from tests.conftest import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABSL_LOG = re.compile(r'^[IWEF]\d{4} ', re.M)  # an absl log line (I1202 04:15:18.69 ...)
 
 
 def _run(tmp_path, *flags, devices=1, config='configs/cifar10.py:smoke', env=None, name='run'):
   workdir = tmp_path / name
-  env = {**os.environ, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+  env = {**os.environ, 'XLA_FLAGS': xla_flags(devices),
          'JAX_PLATFORMS': 'cpu', **(env or {})}
   p = subprocess.run([sys.executable, '-m', 'experiments.main', f'--config={config}',
                       f'--workdir={workdir}', '--config.train.progress_bar=False', *flags],
