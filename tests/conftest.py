@@ -2,11 +2,12 @@
 import os
 
 # The tests' programs are tiny, so XLA's LLVM optimisation at its default level is most of their
-# time: at level 1 a tiny model's init compiles ~20x faster on this CPU (flax's tests also turn
-# LLVM optimisation down). Not level 0 (jax_disable_most_optimizations): there one fused dfa step
-# (train_test's mixed signal with BatchNorm) computed NaN that level 1, the default and op-by-op
-# execution do not. A level in the caller's XLA_FLAGS wins. The subprocesses and notebook kernels
-# the tests start inherit XLA_FLAGS; training runs outside the tests keep XLA's default.
+# time: at level 1 a tiny model's init compiles ~20x faster on this CPU (flax turned it down for
+# its slowest tests too, google/flax#741). Not level 0 (also set by jax_disable_most_optimizations):
+# there one fused dfa step (train_test's mixed signal with BatchNorm) computed NaN that level 1,
+# the default and op-by-op execution do not. A level in the caller's XLA_FLAGS wins. The
+# subprocesses and notebook kernels the tests start inherit XLA_FLAGS; training runs outside the
+# tests keep XLA's default.
 _FLAGS = [f for f in os.environ.get('XLA_FLAGS', '').split()
           if not f.startswith('--xla_force_host_platform_device_count')]  # set below, per process
 if not any(f.startswith('--xla_backend_optimization_level') for f in _FLAGS):

@@ -28,7 +28,9 @@ def config(stop_after_steps: int = 0, epochs: int = 2, **train):
 
 if __name__ == '__main__':
   pid, port, workdir, stop = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
-  os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  flags = os.environ.get('XLA_FLAGS', '')  # the test's (tests/conftest.py), or none
+  if 'device_count' not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} --xla_force_host_platform_device_count=2'.strip()
   os.environ['JAX_PLATFORMS'] = 'cpu'
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from lrdfa_jax import build, train
