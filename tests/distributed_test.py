@@ -23,8 +23,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir: str, stop: int, epochs: int = 2,
-           slow_setup_s: int = 0) -> list[subprocess.Popen]:
+def _start(workdir: str, stop: int, epochs: int = 2, slow_setup_s: int = 0,
+           **train) -> list[subprocess.Popen]:
+  """The two processes; ``train`` fields replace the worker's config's (the scheduler is
+  'default' unless given: 'auto' compiles each program twice)."""
+  train = {'xla_scheduler': 'default', **train}
   port = _free_port()
   env = {**os.environ, 'XLA_FLAGS': xla_flags(2), 'PYTHONUNBUFFERED': '1',
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
@@ -32,14 +35,15 @@ def _start(workdir: str, stop: int, epochs: int = 2,
   # one compilation cache per process id, which a resume of the same workdir reuses (one cache
   # for both processes could clash: two processes writing one entry at once)
   return [subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'distributed_worker.py'),
-                            str(pid), str(port), workdir, str(stop), str(epochs)], cwd=ROOT,
+                            str(pid), str(port), workdir, str(stop), str(epochs),
+                            *(f'{k}={v}' for k, v in train.items())], cwd=ROOT,
                            env={**env, 'JAX_COMPILATION_CACHE_DIR': f'{workdir}-cache{pid}'},
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
           for pid in (0, 1)]
 
 
-def _two_processes(workdir: str, stop: int, slow_setup_s: int = 0) -> list[str]:
-  procs = _start(workdir, stop, slow_setup_s=slow_setup_s)
+def _two_processes(workdir: str, stop: int, **kw) -> list[str]:
+  procs = _start(workdir, stop, **kw)
   outs = []
   try:
     for p in procs:
@@ -57,7 +61,9 @@ def _two_processes(workdir: str, stop: int, slow_setup_s: int = 0) -> list[str]:
 
 def test_two_processes_train_checkpoint_resume_like_one_process_with_four_devices(tmp_path):
   two, one = str(tmp_path / 'two'), str(tmp_path / 'one')
-  first = _two_processes(two, stop=5)  # stop mid-epoch, checkpoint at step 5
+  # stop mid-epoch, checkpoint at step 5; under the 'auto' scheduler, whose choice process 0
+  # makes for both (no angle step here: its two programs would compile twice each too)
+  first = _two_processes(two, stop=5, xla_scheduler='auto', angle_every=0)
   for pid, out in enumerate(first):
     assert f'process {pid} of 2, 4 devices: step 5 ' in out, out[-2000:]
   assert train.restore_checkpoint(distributed_worker.config(), two).step == 5
@@ -73,7 +79,8 @@ def test_two_processes_train_checkpoint_resume_like_one_process_with_four_device
   assert len(pairs) == len(set(pairs))
 
   assert jax.device_count() == 4
-  single = train.train_and_evaluate(distributed_worker.config(num_devices=4), one)
+  single = train.train_and_evaluate(
+      distributed_worker.config(num_devices=4, xla_scheduler='default'), one)
   summary = json.load(open(os.path.join(two, 'summary.json')))
   assert summary['step'] == single['step'] == 16
   assert summary['final_test_accuracy'] == single['final_test_accuracy']
@@ -85,7 +92,7 @@ def test_two_processes_train_checkpoint_resume_like_one_process_with_four_device
 
 
 def test_a_killed_process_makes_the_other_fail_fast(tmp_path):
-  procs = _start(str(tmp_path / 'run'), stop=0, epochs=1000)
+  procs = _start(str(tmp_path / 'run'), stop=0, epochs=1000, angle_every=0)
   try:
     for line in procs[0].stdout:  # wait until the run is training (its first eval)
       if line.startswith('epoch 1.00'):

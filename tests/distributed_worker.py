@@ -1,7 +1,9 @@
 """One process of the two-process test (tests/distributed_test.py); not collected by pytest.
 
-``python tests/distributed_worker.py PROCESS_ID PORT WORKDIR STOP_AFTER_STEPS [EPOCHS]``: 2
-emulated CPU devices, joined to the other process through a coordinator at 127.0.0.1:PORT.
+``python tests/distributed_worker.py PROCESS_ID PORT WORKDIR STOP_AFTER_STEPS EPOCHS
+[TRAIN_FIELD=VALUE ...]``: 2 emulated CPU devices, joined to the other process through a
+coordinator at 127.0.0.1:PORT; the ``train`` fields given (``xla_scheduler=auto``,
+``angle_every=0``) replace the config's.
 """
 import os
 import sys
@@ -21,8 +23,8 @@ def config(stop_after_steps: int = 0, epochs: int = 2, **train):
   c.model.overrides = ''
   c.opt.lr = 3e-3
   c.opt.warmup_steps = 0
-  c.train.update(epochs=epochs, batch_size=32, log_every=2, angle_every=3, progress_bar=False,
-                 stop_after_steps=stop_after_steps, **train)
+  c.train.update(**{**dict(epochs=epochs, batch_size=32, log_every=2, angle_every=3,
+                           progress_bar=False, stop_after_steps=stop_after_steps), **train})
   return c
 
 
@@ -38,8 +40,10 @@ if __name__ == '__main__':
   if delay:  # a process that sets up late (a busy host)
     load_data = build.load_data
     build.load_data = lambda c: (time.sleep(delay), load_data(c))[1]
-  epochs = int(sys.argv[5]) if len(sys.argv) > 5 else 2
-  c = config(stop, epochs, distributed=True, coordinator_address=f'127.0.0.1:{port}',
+  epochs = int(sys.argv[5])
+  fields = dict(a.split('=', 1) for a in sys.argv[6:])
+  fields = {k: int(v) if v.isdigit() else v for k, v in fields.items()}
+  c = config(stop, epochs, **fields, distributed=True, coordinator_address=f'127.0.0.1:{port}',
              num_processes=2, process_id=pid, timeout_s=120, heartbeat_s=20 if epochs > 2 else 100)
   s = train.train_and_evaluate(c, workdir)
   import jax
