@@ -48,21 +48,24 @@ def term_scales(run: str) -> dict:
   d = config.dfa
   # the run's own update (its signal source, readouts, similarity term), without alignment
   cfg = dataclasses.replace(steps_lib.StepConfig.from_config(config), method='ssa', align='none')
-  local, _ = steps_lib.compute_updates(cfg, state, batch)
-  bp, _ = steps_lib.compute_updates(steps_lib.backprop_reference(cfg), state, batch)
+  # each gradient as one jitted program: op by op, a ResNet's step compiles hundreds of them
+  updates = lambda c: jax.jit(lambda st, b: steps_lib.compute_updates(c, st, b)[0])(state, batch)
+  local, bp = updates(cfg), updates(steps_lib.backprop_reference(cfg))
   svd = metrics_lib.svd_layers(state.params)  # every factored layer, nested ones included
-  orth = jax.grad(lambda p: sum(losses.orthogonality(l['u'], l['v'])
-                                for l in metrics_lib.svd_layers(p).values()))(state.params)
-  hoyer = jax.grad(lambda p: sum(losses.hoyer(l['s'])
-                                 for l in metrics_lib.svd_layers(p).values()))(state.params)
+  orth = jax.jit(jax.grad(lambda p: sum(losses.orthogonality(l['u'], l['v'])
+                                        for l in metrics_lib.svd_layers(p).values())))(
+      state.params)
+  hoyer = jax.jit(jax.grad(lambda p: sum(losses.hoyer(l['s'])
+                                         for l in metrics_lib.svd_layers(p).values())))(
+      state.params)
   model = build.build_model(config, info['num_classes'])
   channels = alignment.tap_channels(build.tap_shapes(model, info['image_shape']))
   # the run's parameter term where it has one; subspace as the reference otherwise
   form = d.align if d.align in alignment.PARAM_TERMS else 'subspace'
   term = alignment.PARAM_TERMS[form]
-  align = jax.grad(lambda p: term(p, state.feedback, channels=channels,
-                                  tap_order=build.tap_order(model, info['image_shape'])))(
-      state.params)
+  order = build.tap_order(model, info['image_shape'])
+  align = jax.jit(jax.grad(lambda p, fb: term(p, fb, channels=channels, tap_order=order)))(
+      state.params, state.feedback)
   out = {'run': run, 'step': int(state.step), 'orth_weight': d.orth_weight,
          'align_weight': d.align_weight, 'align': d.align, 'align_term': form,
          'hoyer_weight': d.hoyer_weight, 'layers': {},

@@ -14,7 +14,8 @@ from tests.train_test import tiny_config
 def test_export_table_and_plots(tmp_path):
   runs = {}
   for name, method, seed in [('a', 'ssa', 0), ('b', 'ssa', 1), ('c', 'bp', 0)]:
-    c = tiny_config(method, train__epochs=1, train__seed=seed, dfa__delivery='full')
+    c = tiny_config(method, train__epochs=1, train__seed=seed, train__angle_every=3,
+                    dfa__delivery='full')
     runs[name] = train.train_and_evaluate(c, str(tmp_path / 'runs' / name))
   out = tmp_path / 'results'
   for name in runs:

@@ -30,10 +30,13 @@ def tiny_config(method='ssa', **overrides):
   c.dfa.method = method
   c.opt.lr = 3e-3
   c.opt.warmup_steps = 0
-  c.train.update(epochs=2, batch_size=32, log_every=2, angle_every=3, progress_bar=False,
+  # no angle step (its two programs are a quarter of a tiny run's CPU time): the tests of
+  # angles, of resume and the report's export set angle_every
+  c.train.update(epochs=2, batch_size=32, log_every=2, angle_every=0, progress_bar=False,
                  num_devices=1)
   # one compile per program: 'auto' compiles two (steps.SmallerProgram); the scheduler tests
-  # below and the default-config runs (main, notebooks, distributed, README) keep 'auto'
+  # below and the default-config runs (main, notebooks, README, the distributed test's first
+  # run) keep 'auto'
   c.train.xla_scheduler = 'default'
   for k, v in overrides.items():
     section, field = k.split('__')
@@ -218,18 +221,20 @@ def _read_steps(workdir):
 
 
 def test_end_to_end_checkpoint_resume_and_interruption(tmp_path):
-  # 256 examples / 32 = 8 steps per epoch, 2 epochs; interrupt mid-epoch at step 5
+  # 256 examples / 32 = 8 steps per epoch, 2 epochs; interrupt mid-epoch at step 5; angles
+  # measured every 3 steps, between the steps
   a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
-  full = train.train_and_evaluate(tiny_config(), a)
+  tiny = functools.partial(tiny_config, train__angle_every=3)
+  full = train.train_and_evaluate(tiny(), a)
   assert full['step'] == 16 and full['final_test_accuracy'] is not None
   assert sorted(os.listdir(os.path.join(a, 'checkpoints'))) == ['16', '8']
   assert {'summary.json', 'config.json', 'metrics.jsonl', 'tb'} <= set(os.listdir(a))
 
-  part = train.train_and_evaluate(tiny_config(train__stop_after_steps=5), b)
+  part = train.train_and_evaluate(tiny(train__stop_after_steps=5), b)
   assert part['step'] == 5
   assert train.restore_checkpoint(tiny_config(), b).step == 5
   t0 = time.time()
-  rest = train.train_and_evaluate(tiny_config(), b)
+  rest = train.train_and_evaluate(tiny(), b)
   resumed_for = time.time() - t0
   assert rest['step'] == 16
   assert min(s for s in _read_steps(b) if s > 5) > 5 and max(_read_steps(b)) == 16
@@ -243,7 +248,7 @@ def test_end_to_end_checkpoint_resume_and_interruption(tmp_path):
   assert rest['wall_time_s'] > part['wall_time_s']
 
   # a second call on a finished run restores the identical state and trains no more
-  again = train.train_and_evaluate(tiny_config(), a)
+  again = train.train_and_evaluate(tiny(), a)
   assert again['step'] == 16
   s2 = train.restore_checkpoint(tiny_config(), a)
   jax.tree.map(np.testing.assert_array_equal, (sa.params, sa.opt_state), (s2.params, s2.opt_state))
@@ -292,7 +297,8 @@ def test_imagenet_config_on_real_jpegs_resumes_mid_epoch(tmp_path, imagenet_jpeg
   c.dfa.method = 'bp'  # the input path is under test; an ssa ResNet-18 step compiles 2x longer
   c.opt.warmup_steps = 0
   c.train.update(batch_size=4, epochs=2, num_devices=1, log_every=1, angle_every=0,
-                 progress_bar=False)  # (no angle step: one ResNet-18 compile fewer)
+                 progress_bar=False,  # (no angle step: one ResNet-18 compile fewer,
+                 xla_scheduler='default')  # one scheduler: 'auto' compiles the step twice)
   part = c.copy_and_resolve_references()
   part.train.stop_after_steps = 2  # of 3 per epoch: (16 - 4 held out) / 4
   a, b = str(tmp_path / 'stopped'), str(tmp_path / 'straight')
@@ -474,7 +480,7 @@ def test_integer_rank_one_is_rank_one_and_full_rank_is_asked_for_by_name():
 
 def test_angles_and_layer_stats_are_logged(tmp_path):
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(tiny_config(train__epochs=1), workdir)
+  train.train_and_evaluate(tiny_config(train__epochs=1, train__angle_every=3), workdir)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     recs = [json.loads(l) for l in f]
   keys = set().union(*recs)
