@@ -7,6 +7,7 @@ explicit arguments. :func:`setup` is the one sequence every caller uses (the tra
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -332,7 +333,8 @@ def create_train_state(config, model, tx, image_shape, num_classes, key,
   """A fresh state; ``steps_per_epoch`` sets learned feedback's per-epoch decay only."""
   k_init, k_fb = jax.random.split(key)
   x = jnp.zeros((1, *image_shape), jnp.float32)
-  variables = model.init(k_init, x, train=False)
+  # one jitted program (big_vision's way): op by op, a zoo net's init compiles hundreds
+  variables = jax.jit(functools.partial(model.init, train=False))(k_init, x)
   params = variables['params']
   feedback = build_feedback(config, k_fb, params, tap_shapes(model, image_shape, variables),
                             num_classes)
