@@ -166,7 +166,8 @@ def test_conv_layers_benchmark_times_each_factored_conv_shape_once(tmp_path, cap
 def test_peak_rss_of_real_runs_per_method(tmp_path):
   from benchmarks import rss
   out = tmp_path / 'rss.json'
-  # one XLA scheduler and no angle step: a compile each, not four ('auto' compiles two)
+  # one XLA scheduler and no angle step: one compile of the step per run, not up to six
+  # ('auto' compiles each of the train step and the angle step's two updates twice)
   doc = rss.main(['--config=configs/cifar10.py:smoke', '--methods=bp,ssa', '--steps=2',
                   '--set=train.xla_scheduler=default', '--set=train.angle_every=0',
                   f'--out={out}'])

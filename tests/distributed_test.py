@@ -24,10 +24,10 @@ def _free_port() -> int:
 
 
 def _start(workdir: str, stop: int, epochs: int = 2, slow_setup_s: int = 0,
-           **train) -> list[subprocess.Popen]:
-  """The two processes; ``train`` fields replace the worker's config's (the scheduler is
-  'default' unless given: 'auto' compiles each program twice)."""
-  train = {'xla_scheduler': 'default', **train}
+           **fields) -> list[subprocess.Popen]:
+  """The two processes; ``fields`` replace the worker's config's ``train`` fields (the
+  scheduler is 'default' unless given: 'auto' compiles each program twice)."""
+  fields = {'xla_scheduler': 'default', **fields}
   port = _free_port()
   env = {**os.environ, 'XLA_FLAGS': xla_flags(2), 'PYTHONUNBUFFERED': '1',
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
@@ -36,7 +36,7 @@ def _start(workdir: str, stop: int, epochs: int = 2, slow_setup_s: int = 0,
   # for both processes could clash: two processes writing one entry at once)
   return [subprocess.Popen([sys.executable, os.path.join(ROOT, 'tests', 'distributed_worker.py'),
                             str(pid), str(port), workdir, str(stop), str(epochs),
-                            *(f'{k}={v}' for k, v in train.items())], cwd=ROOT,
+                            *(f'{k}={v}' for k, v in fields.items())], cwd=ROOT,
                            env={**env, 'JAX_COMPILATION_CACHE_DIR': f'{workdir}-cache{pid}'},
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
           for pid in (0, 1)]

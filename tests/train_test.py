@@ -31,7 +31,7 @@ def tiny_config(method='ssa', **overrides):
   c.opt.lr = 3e-3
   c.opt.warmup_steps = 0
   # no angle step (its two programs are a quarter of a tiny run's CPU time): the tests of
-  # angles, of resume and the report's export set angle_every
+  # logged angles, two resume tests and the report's export set angle_every
   c.train.update(epochs=2, batch_size=32, log_every=2, angle_every=0, progress_bar=False,
                  num_devices=1)
   # one compile per program: 'auto' compiles two (steps.SmallerProgram); the scheduler tests
