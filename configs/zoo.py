@@ -22,8 +22,8 @@ Run card:
   params:   python -m experiments.param_counts (the table in docs/zoo.md)
   expected: this card's 100 epochs not measured here. At 10 epochs (`python -m experiments.protocol
             --model=MODEL`, each method at its held-out rate, seed 0, 2-core CPU): ResNet-20 /
-            CIFAR-10 bp 85.67 % (seeds 0-2: 85.70 ± 0.16), ssa 53.47 % (seeds 0-1:
-            52.50 ± 1.38), dfa 55.78 %, the best local variant
+            CIFAR-10 bp 85.67 % (seeds 0-2: 85.70 ± 0.16), ssa 53.47 % (seeds 0-2:
+            51.40 ± 2.13), dfa 55.78 %, the best local variant
             (ssa_local_pred_k2_stages_overlap_r2) 84.08 %; ResNet-32 / CIFAR-10
             bp 86.10 %, that variant 84.54 %, svd_bp 84.07 %, dfa 54.77 %, ssa 51.13 %, the
             same rule on dense layers (dfa_local_pred_k2_stages_overlap) 85.46 %. Every cell:
